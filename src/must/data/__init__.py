@@ -1,0 +1,1 @@
+"""Data layer: the procedural scene world, on-disk formats, readers and joint augmentation."""
