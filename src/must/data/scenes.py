@@ -144,14 +144,12 @@ def _sphere(o: np.ndarray, d: np.ndarray, dims) -> tuple[np.ndarray, np.ndarray]
 
 def _box(o: np.ndarray, d: np.ndarray, dims) -> tuple[np.ndarray, np.ndarray]:
     half = 0.5 * np.asarray(dims)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = 1.0 / d
-        t1 = (-half - o) * inv
-        t2 = (half - o) * inv
+    # Axis-parallel rays: a tiny direction component instead of 0 keeps the slabs finite.
+    inv = 1.0 / np.where(np.abs(d) < 1e-12, 1e-12, d)
+    t1 = (-half - o) * inv
+    t2 = (half - o) * inv
     tmin = np.minimum(t1, t2)
     tmax = np.maximum(t1, t2)
-    tmin = np.nan_to_num(tmin, nan=-np.inf)
-    tmax = np.nan_to_num(tmax, nan=np.inf)
     near = tmin.max(axis=1)
     far = tmax.min(axis=1)
     hit = (near <= far) & (far > EPS)
@@ -254,7 +252,8 @@ def _torus(o: np.ndarray, d: np.ndarray, dims) -> tuple[np.ndarray, np.ndarray]:
     sq = np.sqrt(disc[cand])
     t0 = np.maximum(-b[cand] - sq, EPS)
     t1 = -b[cand] + sq
-    steps = max(8, int(np.ceil(2 * bound / minor)) * 2)
+    # Steps of half the tube radius miss only chords that graze the outer 3% of the tube.
+    steps = max(8, int(np.ceil(4 * bound / minor)) + 1)
     ts = t0[:, None] + (t1 - t0)[:, None] * np.linspace(0, 1, steps)[None]
     pts = o[cand, None, :] + d[cand, None, :] * ts[..., None]
     inside = _torus_sdf(pts.reshape(-1, 3), major, minor).reshape(ts.shape) < 0
@@ -294,29 +293,49 @@ INTERSECT = {
 }
 
 
-def _object_hits(obj: Primitive, o: np.ndarray, d: np.ndarray, t_max: np.ndarray):
+def _bounding_sphere_cull(
+    objects: list[Primitive], o: np.ndarray, d: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For every (object, ray): ``b`` = (o - c) . d and the discriminant of the ray against the
+    object's bounding sphere, as (K, n) arrays from two matrix products for all objects at
+    once (``o`` is one origin (3,) or one per ray (n, 3))."""
+    centers = np.array([ob.center for ob in objects])
+    radii2 = np.array([ob.bounding_radius() ** 2 for ob in objects])
+    if o.ndim == 1:
+        rel = o - centers
+        b = rel @ d.T
+        c = (np.einsum("kj,kj->k", rel, rel) - radii2)[:, None]
+    else:
+        b = np.einsum("ij,ij->i", o, d)[None] - centers @ d.T
+        c = (
+            np.einsum("ij,ij->i", o, o)[None]
+            - 2 * centers @ o.T
+            + (np.einsum("kj,kj->k", centers, centers) - radii2)[:, None]
+        )
+    return b, b * b - c
+
+
+def _object_hits(
+    obj: Primitive,
+    o: np.ndarray,
+    d: np.ndarray,
+    t_max: np.ndarray,
+    b: np.ndarray,
+    disc: np.ndarray,
+):
     """Hits of one object for rays that can still beat ``t_max``; returns (index, t, normal).
 
-    ``o`` is one shared origin (3,) for camera rays or one origin per ray (n, 3).
+    ``b`` and ``disc`` are this object's row of :func:`_bounding_sphere_cull`: only rays that
+    reach the bounding sphere before ``t_max`` are intersected with the shape itself.
     """
-    # Cull with the bounding sphere first: most rays miss most objects.
-    rel = o - obj.center
-    radius = obj.bounding_radius()
-    if rel.ndim == 1:
-        b = d @ rel
-        c = rel @ rel - radius * radius
-    else:
-        b = np.einsum("ij,ij->i", rel, d)
-        c = np.einsum("ij,ij->i", rel, rel) - radius * radius
-    disc = b * b - c
     idx = np.nonzero(disc >= 0)[0]
     sq = np.sqrt(disc[idx])
     idx = idx[(-b[idx] + sq > EPS) & (-b[idx] - sq < t_max[idx])]
     if idx.size == 0:
         return idx, np.empty(0), np.empty((0, 3))
     rot = obj.rotation
-    rel_idx = np.broadcast_to(rel, (len(idx), 3)) if rel.ndim == 1 else rel[idx]
-    o_local = rel_idx @ rot  # rot.T @ v for each row
+    rel = (o if o.ndim == 1 else o[idx]) - obj.center
+    o_local = np.broadcast_to(rel @ rot, (len(idx), 3))  # rot.T @ v for each row
     d_local = d[idx] @ rot
     t, n_local = INTERSECT[obj.shape](o_local, d_local, obj.dims)
     keep = t < t_max[idx]
@@ -355,8 +374,11 @@ def _trace(scene: Scene, o: np.ndarray, d: np.ndarray):
         t[good] = tp[good]
         surface[good] = sid
         normal[good] = pn
+    if not scene.objects:
+        return t, surface, normal
+    b, disc = _bounding_sphere_cull(scene.objects, o, d)
     for k, obj in enumerate(scene.objects, start=1):
-        idx, tk, nk = _object_hits(obj, o, d, t)
+        idx, tk, nk = _object_hits(obj, o, d, t, b[k - 1], disc[k - 1])
         t[idx] = tk
         surface[idx] = k
         normal[idx] = nk
@@ -364,13 +386,17 @@ def _trace(scene: Scene, o: np.ndarray, d: np.ndarray):
 
 
 def _in_shadow(scene: Scene, points: np.ndarray, normals: np.ndarray) -> np.ndarray:
+    shadow = np.zeros(len(points), bool)
+    if not scene.objects or not len(points):
+        return shadow
     origins = points + normals * 1e-3
     dirs = np.broadcast_to(scene.light_dir, points.shape)
     t_max = np.full(len(points), np.inf)
-    shadow = np.zeros(len(points), bool)
-    for obj in scene.objects:
-        idx, _, _ = _object_hits(obj, origins, dirs, t_max)
+    b, disc = _bounding_sphere_cull(scene.objects, origins, dirs)
+    for k, obj in enumerate(scene.objects):
+        idx, _, _ = _object_hits(obj, origins, dirs, t_max, b[k], disc[k])
         shadow[idx] = True
+        t_max[idx] = -np.inf  # already in shadow: later objects need not test these rays
     return shadow
 
 
