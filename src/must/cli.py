@@ -1,0 +1,211 @@
+"""The ``must`` command: one verb per stage of the method."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from must.errors import MustError
+
+
+def _parse_splits(text: str) -> list[float]:
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected three numbers like 0.8,0.1,0.1: {err}") from err
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("expected three fractions: train,val,test")
+    return parts
+
+
+def _cmd_data_styles(args: argparse.Namespace) -> int:
+    from must.data.styles import builtin_style_names, load_style
+
+    names = builtin_style_names()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {load_style(name).description}")
+    return 0
+
+
+def _cmd_data_render(args: argparse.Namespace) -> int:
+    from must.data.render import render_dataset
+
+    tasks = None
+    if args.tasks is not None:
+        from must.data.spec import TASKS
+
+        tasks = list(TASKS) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+    manifest = render_dataset(
+        args.style,
+        args.out,
+        args.num,
+        args.size,
+        seed=args.seed,
+        splits=args.splits,
+        tasks=tasks,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(f"wrote {args.num} images of style {args.style!r} to {args.out} (manifest: {manifest})")
+    return 0
+
+
+def _cmd_data_show(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from must.data.show import show_dataset
+
+    out = args.out or Path(args.dataset) / f"preview-{args.split}.png"
+    path = show_dataset(args.dataset, out, split=args.split, num=args.num)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from must.data.readers import MultiTaskDataset
+
+    dataset = MultiTaskDataset(args.dataset, split=args.split, on_error="skip", show_progress=True)
+    print(dataset.report())
+    return 1 if dataset.skipped else 0
+
+
+def _cmd_teach(args: argparse.Namespace) -> int:
+    from must.config import TeachConfig, load_config
+    from must.teach import teach
+
+    cfg = load_config(TeachConfig, args.config, args.overrides)
+    summary = teach(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    task = cfg.task
+    from must.evaluate import format_table
+
+    info = summary["info"]
+    print(f"teacher for {task} written to {args.out} ({info['steps']} steps)")
+    print("validation:")
+    print(format_table(info["val"]))
+    if info.get("test"):
+        print("test:")
+        print(format_table(info["test"]))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from must.evaluate import evaluate, format_table
+
+    results = evaluate(
+        args.checkpoint,
+        args.data,
+        split=args.split,
+        batch_size=args.batch_size,
+        num=args.num,
+        render_size=args.render_size,
+        cache=args.cache,
+        image_size=args.image_size,
+        progress=not args.quiet,
+    )
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="must", description="Multi-task self-training (MuST) for computer vision."
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    data = verbs.add_parser("data", help="render, inspect and check datasets")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
+
+    styles = data_verbs.add_parser("styles", help="list the scene world's styles")
+    styles.set_defaults(func=_cmd_data_styles)
+
+    render = data_verbs.add_parser(
+        "render", help="render a style of the scene world to disk in standard formats"
+    )
+    render.add_argument("--style", required=True, help="built-in style name or a style YAML file")
+    render.add_argument("--num", type=int, required=True, help="number of images (all splits)")
+    render.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    render.add_argument("--out", required=True, help="output folder")
+    render.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    render.add_argument(
+        "--splits",
+        type=_parse_splits,
+        default=[0.8, 0.1, 0.1],
+        help="train,val,test fractions (default 0.8,0.1,0.1)",
+    )
+    render.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated tasks to write labels for, or 'all' (default: the style's tasks)",
+    )
+    render.add_argument(
+        "--workers", type=int, default=0, help="render processes (default 0: in this process)"
+    )
+    render.add_argument(
+        "--overwrite", action="store_true", help="replace a dataset rendered with other settings"
+    )
+    render.add_argument("--quiet", action="store_true", help="no progress bar")
+    render.set_defaults(func=_cmd_data_render)
+
+    show = data_verbs.add_parser("show", help="draw samples with their labels into a PNG grid")
+    show.add_argument("dataset", help="dataset folder (manifest.json or dataset.yaml)")
+    show.add_argument("--split", default="train")
+    show.add_argument("--num", type=int, default=8, help="samples to draw (default 8)")
+    show.add_argument("--out", default=None, help="PNG path (default DATASET/preview-SPLIT.png)")
+    show.set_defaults(func=_cmd_data_show)
+
+    check = data_verbs.add_parser(
+        "check", help="decode every file of a split and report bad samples (exit 1 if any)"
+    )
+    check.add_argument("dataset", help="dataset folder (manifest.json or dataset.yaml)")
+    check.add_argument("--split", default="train")
+    check.set_defaults(func=_cmd_data_check)
+
+    teach = verbs.add_parser(
+        "teach",
+        help="train a specialized teacher for one task",
+        description="Train a specialized teacher. CONFIG is a YAML file or a preset name from "
+        "configs/ (e.g. teach_detection_cpu); KEY=VALUE arguments override any config key, "
+        "e.g. train.lr=0.05 model.backbone.depth=50. Re-running resumes from the last checkpoint.",
+    )
+    teach.add_argument("config", help="config YAML file or preset name")
+    teach.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    teach.add_argument("--out", required=True, help="checkpoint directory to write")
+    teach.add_argument("--overwrite", action="store_true", help="replace a run of another config")
+    teach.add_argument("--quiet", action="store_true", help="no progress bars")
+    teach.set_defaults(func=_cmd_teach)
+
+    ev = verbs.add_parser("eval", help="evaluate a checkpoint on a dataset and print a table")
+    ev.add_argument("checkpoint", help="checkpoint directory (or its model.pt)")
+    ev.add_argument("--data", required=True, help="dataset folder or scene-world style name")
+    ev.add_argument("--split", default="test", help="split to evaluate (default test)")
+    ev.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--image-size", type=int, default=None, help="default: the training size")
+    ev.add_argument("--num", type=int, default=1000, help="images to render for a style")
+    ev.add_argument("--render-size", type=int, default=64, help="render size for a style")
+    ev.add_argument("--cache", default="runs/data", help="where styles are rendered")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MustError as err:
+        print(f"must: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,814 @@
+"""Read a dataset described by a :class:`~must.data.spec.DatasetSpec` (a rendered dataset's
+``manifest.json`` or a user's ``dataset.yaml``) into sample dicts for training.
+
+The same reader serves rendered data and real data in the formats people already have:
+ImageFolder trees, COCO JSON from annotation tools (RLE, uncompressed RLE or polygon masks),
+VOC/ADE-style PNG class maps and NYU/KITTI-style 16-bit depth PNGs.
+
+Images are every image file under the split's images folder (recursively, sorted by relative
+path; dot files and folders, and label folders nested inside, are left out); a sample's key
+is its file stem, and the labels of the other tasks are found by that stem. Labels are
+partial: an image without a label file for a task simply has no entry for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from tqdm import tqdm
+
+from must.data.spec import TASKS, find_manifest, load_spec
+from must.data.transforms import Depth, Normals
+from must.errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+# How far (pixels) a COCO box may overshoot the image before it is an error; within it the
+# box is clipped (real COCO has boxes overshooting by fractions of a pixel).
+BOX_TOLERANCE = 1.0
+_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_SEG_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I;16N", "I")
+_FILE_TASKS = ("segmentation", "depth", "normals")
+_MAX_LISTED_SKIPS = 50
+
+
+@dataclass
+class _Entry:
+    """One image and where its labels are."""
+
+    key: str
+    image: Path
+    label: int | None = None  # classification index
+    files: dict[str, Path] = field(default_factory=dict)  # segmentation / depth / normals
+
+
+@dataclass
+class _Boxes:
+    """The detection labels of one image, parsed from the COCO JSON once."""
+
+    file_name: str
+    width: int | None  # as the COCO JSON says (None when it does not)
+    height: int | None
+    ids: list  # annotation ids
+    boxes: np.ndarray  # (N, 4) float32 XYXY, clipped when the size was known
+    labels: np.ndarray  # (N,) int64
+    segs: list  # per annotation: None (use the box), a list of polygons, or an RLE dict
+    checked: bool  # boxes already checked against the image size
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _size_str(width: int, height: int) -> str:
+    return f"{width}x{height}"
+
+
+def _open_label(path: Path, what: str) -> Image.Image:
+    try:
+        img = Image.open(path)
+    except Exception as err:
+        raise DataError(
+            path, f"corrupt or unreadable {what} file ({type(err).__name__}: {err})"
+        ) from err
+    return img
+
+
+def _check_size(path: Path, what: str, size: tuple[int, int], image_size: tuple[int, int]):
+    if tuple(size) != tuple(image_size):
+        raise DataError(
+            path,
+            f"{what} size {_size_str(*size)} differs from the image's {_size_str(*image_size)}",
+        )
+
+
+def _pixels(img: Image.Image, path: Path, what: str) -> np.ndarray:
+    try:
+        return np.array(img)
+    except Exception as err:
+        raise DataError(
+            path, f"corrupt or unreadable {what} file ({type(err).__name__}: {err})"
+        ) from err
+
+
+def read_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; grayscale, palette and alpha images are converted."""
+    try:
+        with Image.open(path) as img:
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            return np.array(img)
+    except Exception as err:
+        raise DataError(path, f"corrupt or unreadable image ({type(err).__name__}: {err})") from err
+
+
+def read_segmentation(
+    path: Path,
+    image_size: tuple[int, int],
+    num_classes: int,
+    ignore_index: int = 255,
+    reduce_zero_label: bool = False,
+) -> np.ndarray:
+    """(H, W) int64 class map from a PNG of mode L or P (or 16-bit)."""
+    with _open_label(path, "segmentation") as img:
+        if img.mode not in _SEG_MODES:
+            raise DataError(
+                path,
+                f"segmentation PNG has mode {img.mode} (colour-coded?); expected a class-index "
+                "map of mode L or P",
+            )
+        _check_size(path, "segmentation", img.size, image_size)
+        seg = _pixels(img, path, "segmentation").astype(np.int64)
+    if reduce_zero_label:
+        # ADE20K: 0 is "unlabeled", classes are 1..K (as mmsegmentation does it).
+        unlabelled = (seg == 0) | (seg == ignore_index)
+        seg -= 1
+        seg[unlabelled] = ignore_index
+    values = np.flatnonzero(np.bincount(seg.ravel(), minlength=1))
+    bad = values[(values >= num_classes) & (values != ignore_index)]
+    if bad.size:
+        raise DataError(
+            path,
+            f"class index {int(bad.max())} >= number of classes {num_classes} "
+            f"(and not the ignore value {ignore_index})",
+        )
+    return seg
+
+
+def read_depth(path: Path, image_size: tuple[int, int], scale: float) -> np.ndarray:
+    """(H, W) float32 metres from a 16-bit PNG; 0 stays 0 (invalid)."""
+    with _open_label(path, "depth") as img:
+        if img.mode not in _DEPTH_MODES:
+            raise DataError(
+                path,
+                f"depth PNG has mode {img.mode} (not 16-bit); expected a 16-bit grayscale PNG",
+            )
+        _check_size(path, "depth", img.size, image_size)
+        value = _pixels(img, path, "depth")
+    return value.astype(np.float32) / np.float32(scale)
+
+
+def read_normals(path: Path, image_size: tuple[int, int]) -> np.ndarray:
+    """(3, H, W) float32 normals from an 8-bit RGB PNG or a float (H, W, 3) .npy; invalid = 0."""
+    if path.suffix.lower() == ".npy":
+        try:
+            normals = np.load(path, allow_pickle=False)
+        except Exception as err:
+            raise DataError(
+                path, f"corrupt or unreadable normals file ({type(err).__name__}: {err})"
+            ) from err
+        if normals.ndim != 3 or normals.shape[-1] != 3:
+            raise DataError(path, f"normals array has shape {normals.shape}; expected (H, W, 3)")
+        _check_size(path, "normals", (normals.shape[1], normals.shape[0]), image_size)
+        normals = np.ascontiguousarray(normals.transpose(2, 0, 1), np.float32)
+        return np.nan_to_num(normals, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    with _open_label(path, "normals") as img:
+        if img.mode != "RGB":
+            raise DataError(path, f"normals PNG has mode {img.mode}; expected 8-bit RGB")
+        _check_size(path, "normals", img.size, image_size)
+        rgb = _pixels(img, path, "normals")
+    chw = np.ascontiguousarray(rgb.transpose(2, 0, 1))
+    invalid = (chw[0] | chw[1] | chw[2]) == 0
+    normals = chw.astype(np.float32)
+    normals *= np.float32(2 / 255)
+    normals -= np.float32(1)
+    normals[:, invalid] = 0
+    return normals
+
+
+def _box_mask(box: np.ndarray, height: int, width: int) -> np.ndarray:
+    mask = np.zeros((height, width), np.uint8)
+    x1, y1 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+    x2, y2 = min(width, math.ceil(box[2])), min(height, math.ceil(box[3]))
+    mask[y1:y2, x1:x2] = 1
+    return mask
+
+
+def _decode_mask(seg: Any, box: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(H, W) uint8 mask of one annotation (checked structure; see ``_check_segmentation``)."""
+    if seg is None:
+        return _box_mask(box, height, width)
+    if isinstance(seg, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    else:
+        if list(seg["size"]) != [height, width]:
+            raise ValueError(
+                f"mask size {seg['size'][1]}x{seg['size'][0]} (RLE size [h, w] = "
+                f"{list(seg['size'])}) differs from the image's {_size_str(width, height)}"
+            )
+        rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
+    return np.ascontiguousarray(mask_utils.decode(rle), np.uint8)
+
+
+def _check_segmentation(seg: Any) -> tuple[Any, str | None]:
+    """A COCO ``segmentation`` made ready to decode: None (use the box), polygons with at least
+    three points, or an RLE dict; or a problem."""
+    if seg is None or seg == [] or seg == {}:
+        return None, None
+    if isinstance(seg, list):
+        polys = []
+        for poly in seg:
+            if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+                return None, "segmentation polygon is not a list of numbers"
+            if len(poly) % 2:
+                return None, f"segmentation polygon has an odd number of coordinates ({len(poly)})"
+            if len(poly) >= 6:  # fewer than 3 points have no area: ignore them
+                polys.append([float(v) for v in poly])
+        return (polys or None), None
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if (
+            not isinstance(size, list)
+            or len(size) != 2
+            or not all(isinstance(v, int) and v > 0 for v in size)
+        ):
+            return None, "segmentation RLE has no valid 'size' [height, width]"
+        if isinstance(counts, list):
+            if not all(isinstance(v, int) and v >= 0 for v in counts):
+                return None, "uncompressed RLE 'counts' must be non-negative integers"
+            if sum(counts) != size[0] * size[1]:
+                return None, f"uncompressed RLE counts sum to {sum(counts)}, not h*w"
+            return {"size": list(size), "counts": counts}, None
+        if isinstance(counts, (str, bytes)):
+            return {"size": list(size), "counts": counts}, None
+        return None, "segmentation RLE has no 'counts'"
+    return None, "segmentation is neither a list of polygons nor an RLE dict"
+
+
+def _check_box(bbox: Any, width: int | None, height: int | None) -> tuple[list | None, str | None]:
+    """COCO [x, y, w, h] -> XYXY, clipped to the image when its size is known; or a problem."""
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        return None, f"bbox {bbox!r} is not four finite numbers [x, y, w, h]"
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        return None, f"box {bbox} has zero or negative width or height"
+    x1, y1, x2, y2 = x, y, x + w, y + h
+    if width is None or height is None:
+        return [x1, y1, x2, y2], None
+    tol = BOX_TOLERANCE
+    outside = f"box {bbox} lies outside the {_size_str(width, height)} image"
+    if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
+        return None, outside
+    x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
+    y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)
+    if x2 <= x1 or y2 <= y1:
+        return None, outside
+    return [x1, y1, x2, y2], None
+
+
+class MultiTaskDataset(Dataset):
+    """Samples of one split as dicts of TVTensors (see the module docstring for the layout).
+
+    A sample holds ``key``, ``image`` (uint8 (3, H, W) RGB) and, for each task labelled for that
+    image: ``classification`` (int64 scalar), ``boxes`` (XYXY float32 (N, 4)), ``box_labels``
+    (int64 (N,)), ``instance_masks`` (uint8 (N, H, W)), ``segmentation`` (int64 (H, W), the
+    ignore value where unlabelled), ``depth`` (float32 (1, H, W) metres, 0 = invalid),
+    ``normals`` (float32 (3, H, W), 0 = invalid). ``transform`` is applied to the dict.
+
+    ``on_error="raise"``: the constructor checks what is cheap (the annotations, which files
+    exist) and ``__getitem__`` raises a :class:`DataError` naming the file it cannot decode.
+    ``on_error="skip"``: the constructor also decodes every file once, drops what is bad (a bad
+    annotation alone, or the whole sample for a bad image or label file) and lists it in
+    ``skipped`` as (file, reason); ``report()`` summarises.
+
+    ``tasks`` restricts the labels read (default: every task the split describes).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        transform: Callable | None = None,
+        on_error: Literal["raise", "skip"] = "raise",
+        tasks: list[str] | None = None,
+        show_progress: bool = False,
+    ) -> None:
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.manifest = find_manifest(root)
+        spec, base = load_spec(self.manifest)
+        if split not in spec.splits:
+            raise ConfigError(
+                f"{self.manifest}: no split {split!r}; available splits: "
+                f"{', '.join(spec.splits) or '(none)'}"
+            )
+        if tasks is not None:
+            unknown = [t for t in tasks if t not in TASKS]
+            if unknown:
+                raise ConfigError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
+        self.spec = spec
+        self.name = spec.name
+        self.split = split
+        self.base = base
+        self.transform = transform
+        self.on_error = on_error
+        self.skipped: list[tuple[str, str]] = []
+        self.notes: list[str] = []
+        self.crowd_ignored = 0
+        self.source = spec.splits[split]
+        self.tasks = [t for t in self.source.tasks() if tasks is None or t in tasks]
+        self.images_root = base / self.source.images
+        self.classes: dict[str, list[str]] = {}
+        self._det: dict[str, _Boxes] = {}
+        self._det_json: Path | None = None
+        self._bad: set[str] = set()  # keys whose sample is dropped
+
+        entries = self._index_images()
+        if "classification" in self.tasks:
+            self._index_classification(entries)
+        for task in _FILE_TASKS:
+            if task in self.tasks:
+                self._index_label_files(task, entries)
+        if "detection" in self.tasks:
+            self._index_detection(entries)
+        self._entries = [e for e in entries.values() if e.key not in self._bad]
+        if on_error == "skip":
+            self._validate(show_progress)
+
+    # ----------------------------------------------------------------------------- indexing
+
+    def _problem(self, path: Path | str, problem: str) -> None:
+        """Raise in raise mode; in skip mode, record it (the caller drops the bad part)."""
+        if self.on_error == "raise":
+            raise DataError(path, problem)
+        self.skipped.append((str(path), problem))
+
+    def _walk(self, root: Path, extensions: tuple[str, ...], prune: set[Path]) -> list[Path]:
+        """Files under ``root`` with one of ``extensions`` (any case), sorted by relative path;
+        dot files and folders and the folders in ``prune`` are left out."""
+        found = []
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [
+                d for d in dirs if not d.startswith(".") and Path(folder, d).resolve() not in prune
+            ]
+            for name in files:
+                if not name.startswith(".") and name.lower().endswith(extensions):
+                    found.append(Path(folder, name))
+        found.sort(key=lambda p: p.relative_to(root).as_posix())
+        return found
+
+    def _by_stem(self, files: list[Path], what: str) -> dict[str, Path]:
+        """Stem -> file; a stem found twice is a problem (in skip mode the stem is dropped)."""
+        out: dict[str, Path] = {}
+        for path in files:
+            first = out.get(path.stem)
+            if first is None:
+                out[path.stem] = path
+                continue
+            self._problem(path, f"duplicate {what} file stem {path.stem!r}: {first} and {path}")
+            self._bad.add(path.stem)
+        return out
+
+    def _label_roots(self) -> set[Path]:
+        """Label folders of any split (resolved): left out when they lie inside an images folder."""
+        roots = set()
+        for split in self.spec.splits.values():
+            for task in _FILE_TASKS:
+                src = getattr(split, task)
+                if src is not None:
+                    roots.add((self.base / src.root).resolve())
+        roots.discard(self.images_root.resolve())
+        return roots
+
+    def _index_images(self) -> dict[str, _Entry]:
+        root = self.images_root
+        if not root.is_dir():
+            raise DataError(root, "images folder not found")
+        files = self._walk(root, IMAGE_EXTENSIONS, self._label_roots())
+        if not files:
+            raise DataError(
+                root, f"no image files ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found"
+            )
+        return {
+            stem: _Entry(key=stem, image=path)
+            for stem, path in self._by_stem(files, "image").items()
+        }
+
+    def _index_classification(self, entries: dict[str, _Entry]) -> None:
+        declared = self.spec.classes.get("classification")
+        if declared:
+            names = list(declared)
+        else:
+            # Every split's class folders, so that train and val agree on the indices even
+            # where a class has no image in one of them.
+            folders = set()
+            label_roots = self._label_roots()
+            for split in self.spec.splits.values():
+                if split.classification is None:
+                    continue
+                split_root = self.base / split.images
+                if split_root.is_dir():
+                    folders.update(
+                        p.name
+                        for p in split_root.iterdir()
+                        if p.is_dir()
+                        and not p.name.startswith(".")
+                        and p.resolve() not in label_roots
+                    )
+            names = sorted(folders)
+        self.classes["classification"] = names
+        index = {name: i for i, name in enumerate(names)}
+        outside = 0
+        for entry in entries.values():
+            parts = entry.image.relative_to(self.images_root).parts
+            if len(parts) < 2:
+                outside += 1
+                continue
+            label = index.get(parts[0])
+            if label is None:
+                self._problem(
+                    entry.image,
+                    f"class folder {parts[0]!r} is not among the declared classification "
+                    f"classes {names}",
+                )
+                self._bad.add(entry.key)
+                continue
+            entry.label = label
+        if outside:
+            self.notes.append(
+                f"classification: {outside} image(s) outside class folders (no class label)"
+            )
+
+    def _index_label_files(self, task: str, entries: dict[str, _Entry]) -> None:
+        src = getattr(self.source, task)
+        if task == "segmentation":
+            names = self.spec.classes.get("segmentation")
+            if not names:
+                raise ConfigError(
+                    f"{self.manifest}: classes.segmentation is required (the class maps hold "
+                    "only indices): list the class names in index order"
+                )
+            self.classes["segmentation"] = list(names)
+        root = self.base / src.root
+        if not root.is_dir():
+            msg = f"{task}: label folder {root} not found; no image has {task} labels"
+            self.notes.append(msg)
+            warnings.warn(msg, stacklevel=3)
+            return
+        ext = ".npy" if getattr(src, "format", "png") == "npy" else ".png"
+        files = self._by_stem(self._walk(root, (ext,), set()), f"{task} label")
+        for stem, path in files.items():
+            entry = entries.get(stem)
+            if entry is not None:
+                entry.files[task] = path
+
+    def _fail_detection(self, path: Path, problem: str) -> None:
+        """The annotation file is unusable: raise, or (skip mode) drop detection altogether."""
+        self._problem(path, problem)
+        self.tasks.remove("detection")
+        self._det.clear()
+        self.classes.pop("detection", None)
+        self.notes.append("detection: annotation file unusable; no image has detection labels")
+
+    def _index_detection(self, entries: dict[str, _Entry]) -> None:
+        path = self.base / self.source.detection.annotations
+        self._det_json = path
+        try:
+            raw = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return self._fail_detection(path, "COCO annotation file not found")
+        except OSError as err:
+            return self._fail_detection(path, f"cannot read the annotation file: {err}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return self._fail_detection(path, f"not valid JSON: {err}")
+        if not isinstance(raw, dict):
+            return self._fail_detection(path, "not a COCO JSON object")
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(raw.get(key), list):
+                return self._fail_detection(path, f"missing required field {key!r} (a list)")
+
+        # Categories: contiguous indices in sorted-id order, or by name into declared classes.
+        cats: dict[int, str] = {}
+        for i, cat in enumerate(raw["categories"]):
+            where = f"category #{i}"
+            if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
+                self._problem(path, f"{where}: missing required field 'id'")
+                continue
+            if not isinstance(cat.get("name"), str):
+                self._problem(path, f"category id {cat['id']}: missing required field 'name'")
+                continue
+            if cat["id"] in cats:
+                self._problem(path, f"category id {cat['id']} is listed twice")
+                continue
+            cats[cat["id"]] = cat["name"]
+        declared = self.spec.classes.get("detection")
+        names = list(declared) if declared else [cats[i] for i in sorted(cats)]
+        by_name = {n: i for i, n in enumerate(names)}
+        cat_index: dict[int, int] = {}
+        for cid in sorted(cats):
+            if cats[cid] not in by_name:
+                self._problem(
+                    path,
+                    f"category id {cid} ({cats[cid]!r}) is not among the declared detection "
+                    "classes",
+                )
+                continue
+            cat_index[cid] = by_name[cats[cid]]
+        self.classes["detection"] = names
+
+        # Images, matched to image files by stem.
+        coco_images: dict[int, dict] = {}
+        stems: dict[str, str] = {}
+        for i, img in enumerate(raw["images"]):
+            if not isinstance(img, dict) or not isinstance(img.get("id"), int):
+                self._problem(path, f"image entry #{i}: missing required field 'id'")
+                continue
+            if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+                self._problem(path, f"image id {img['id']}: missing required field 'file_name'")
+                continue
+            if img["id"] in coco_images:
+                self._problem(path, f"image id {img['id']} is listed twice")
+                continue
+            stem = Path(img["file_name"]).stem
+            if stem in stems:
+                self._problem(
+                    path,
+                    f"images {stems[stem]} and {img['file_name']} have the same file stem {stem!r}",
+                )
+                self._bad.add(stem)
+                continue
+            stems[stem] = img["file_name"]
+            w, h = img.get("width"), img.get("height")
+            known = isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0
+            coco_images[img["id"]] = {
+                "stem": stem,
+                "file_name": img["file_name"],
+                "width": w if known else None,
+                "height": h if known else None,
+                "anns": [],
+            }
+        matched = sum(1 for s in stems if s in entries)
+        if stems and not matched:
+            return self._fail_detection(
+                path,
+                f"none of its {len(stems)} images matches an image file under "
+                f"{self.images_root} (matched by file stem)",
+            )
+        if matched < len(stems):
+            self.notes.append(
+                f"detection: {len(stems) - matched} image(s) of {path.name} not found under "
+                f"{self.images_root} (ignored)"
+            )
+
+        # Annotations.
+        for i, ann in enumerate(raw["annotations"]):
+            if not isinstance(ann, dict) or "id" not in ann:
+                self._problem(path, f"annotation #{i}: missing required field 'id'")
+                continue
+            where = f"annotation id {ann['id']}"
+            if ann.get("iscrowd", 0):
+                self.crowd_ignored += 1
+                continue
+            if "image_id" not in ann:
+                self._problem(path, f"{where}: missing required field 'image_id'")
+                continue
+            image = coco_images.get(ann["image_id"]) if isinstance(ann["image_id"], int) else None
+            if image is None:
+                self._problem(path, f"{where}: unknown image_id {ann['image_id']!r}")
+                continue
+            where += f" (image {image['file_name']})"
+            missing = [k for k in ("category_id", "bbox") if k not in ann]
+            if missing:
+                self._problem(path, f"{where}: missing required field {missing[0]!r}")
+                continue
+            cid = ann["category_id"]
+            if not isinstance(cid, int) or cid not in cat_index:
+                self._problem(path, f"{where}: unknown category_id {cid!r}")
+                continue
+            box, problem = _check_box(ann["bbox"], image["width"], image["height"])
+            if problem is None:
+                seg, problem = _check_segmentation(ann.get("segmentation"))
+            if (
+                problem is None
+                and isinstance(seg, dict)
+                and image["width"] is not None
+                and seg["size"] != [image["height"], image["width"]]
+            ):
+                problem = (
+                    f"mask size {seg['size'][1]}x{seg['size'][0]} differs from the "
+                    f"image's {_size_str(image['width'], image['height'])}"
+                )
+            if problem is not None:
+                self._problem(path, f"{where}: {problem}")
+                continue
+            image["anns"].append((ann["id"], box, cat_index[cid], seg))
+
+        for image in coco_images.values():
+            if image["stem"] not in entries:
+                continue
+            anns = image["anns"]
+            self._det[image["stem"]] = _Boxes(
+                file_name=image["file_name"],
+                width=image["width"],
+                height=image["height"],
+                ids=[a[0] for a in anns],
+                boxes=np.array([a[1] for a in anns], np.float32).reshape(-1, 4),
+                labels=np.array([a[2] for a in anns], np.int64),
+                segs=[a[3] for a in anns],
+                checked=image["width"] is not None,
+            )
+        return None
+
+    # ----------------------------------------------------------------------------- decoding
+
+    def _read(self, entry: _Entry, bad_anns: list | None = None) -> dict[str, Any]:
+        """Decode one sample as NumPy arrays. Annotation problems are raised, or appended to
+        ``bad_anns`` as (position, problem) with the annotation left out."""
+        image = read_image(entry.image)
+        height, width = image.shape[:2]
+        size = (width, height)
+        out: dict[str, Any] = {"key": entry.key, "image": image}
+        if entry.label is not None:
+            out["classification"] = entry.label
+        det = self._det.get(entry.key)
+        if det is not None:
+            out.update(self._read_detection(entry, det, height, width, bad_anns))
+        if "segmentation" in entry.files:
+            src = self.source.segmentation
+            out["segmentation"] = read_segmentation(
+                entry.files["segmentation"],
+                size,
+                len(self.classes["segmentation"]),
+                src.ignore_index,
+                src.reduce_zero_label,
+            )
+        if "depth" in entry.files:
+            out["depth"] = read_depth(entry.files["depth"], size, self.source.depth.scale)
+        if "normals" in entry.files:
+            out["normals"] = read_normals(entry.files["normals"], size)
+        return out
+
+    def _read_detection(
+        self, entry: _Entry, det: _Boxes, height: int, width: int, bad_anns: list | None
+    ) -> dict[str, np.ndarray]:
+        json_path = self._det_json
+        if det.width is not None and (det.width, det.height) != (width, height):
+            raise DataError(
+                json_path,
+                f"image {det.file_name}: the JSON says {_size_str(det.width, det.height)} but "
+                f"{entry.image} is {_size_str(width, height)}",
+            )
+        keep, boxes, masks = [], [], []
+        for i, (ann_id, box, seg) in enumerate(zip(det.ids, det.boxes, det.segs, strict=True)):
+            try:
+                if not det.checked:
+                    xywh = [float(box[0]), float(box[1]), float(box[2] - box[0])]
+                    xywh.append(float(box[3] - box[1]))
+                    clipped, problem = _check_box(xywh, width, height)
+                    if problem is not None:
+                        raise ValueError(problem)
+                    box = np.array(clipped, np.float32)
+                mask = _decode_mask(seg, box, height, width)
+            except Exception as err:
+                problem = f"annotation id {ann_id} (image {det.file_name}): {err}"
+                if bad_anns is None:
+                    raise DataError(json_path, problem) from err
+                bad_anns.append((i, problem))
+                continue
+            keep.append(i)
+            boxes.append(box)
+            masks.append(mask)
+        return {
+            "boxes": np.array(boxes, np.float32).reshape(-1, 4),
+            "box_labels": det.labels[keep],
+            "instance_masks": (
+                np.stack(masks) if masks else np.zeros((0, height, width), np.uint8)
+            ),
+        }
+
+    def _validate(self, show_progress: bool) -> None:
+        """Skip mode: decode every sample once; drop bad samples and bad annotations."""
+
+        def attempt(entry: _Entry):
+            bad_anns: list = []
+            try:
+                sample = self._read(entry, bad_anns)
+            except DataError as err:
+                return err, bad_anns, None
+            except Exception as err:  # anything else still names the sample's image
+                return DataError(entry.image, f"{type(err).__name__}: {err}"), bad_anns, None
+            return None, bad_anns, sample.get("boxes")
+
+        workers = max(1, min(8, os.cpu_count() or 1))
+        kept = []
+        with ThreadPoolExecutor(workers) as pool:
+            results = pool.map(attempt, self._entries)
+            bar = tqdm(
+                results,
+                total=len(self._entries),
+                desc=f"check {self.name}/{self.split}",
+                unit="img",
+                disable=not show_progress,
+            )
+            for entry, (error, bad_anns, boxes) in zip(self._entries, bar, strict=True):
+                if error is not None:
+                    self.skipped.append((error.path, error.problem))
+                    continue
+                if bad_anns:
+                    for _, problem in bad_anns:
+                        self.skipped.append((str(self._det_json), problem))
+                    self._drop_annotations(entry.key, [i for i, _ in bad_anns], boxes)
+                kept.append(entry)
+        self._entries = kept
+
+    def _drop_annotations(self, key: str, positions: list[int], boxes: np.ndarray) -> None:
+        det = self._det[key]
+        keep = [i for i in range(len(det.ids)) if i not in set(positions)]
+        self._det[key] = _Boxes(
+            file_name=det.file_name,
+            width=det.width,
+            height=det.height,
+            ids=[det.ids[i] for i in keep],
+            boxes=boxes.astype(np.float32).reshape(-1, 4),  # checked and clipped
+            labels=det.labels[keep],
+            segs=[det.segs[i] for i in keep],
+            checked=True,
+        )
+
+    # ----------------------------------------------------------------------------- access
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def keys(self) -> list[str]:
+        return [e.key for e in self._entries]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        raw = self._read(self._entries[index])
+        height, width = raw["image"].shape[:2]
+        sample: dict[str, Any] = {
+            "key": raw["key"],
+            "image": tv_tensors.Image(
+                torch.from_numpy(np.ascontiguousarray(raw["image"].transpose(2, 0, 1)))
+            ),
+        }
+        if "classification" in raw:
+            sample["classification"] = torch.tensor(raw["classification"], dtype=torch.int64)
+        if "boxes" in raw:
+            sample["boxes"] = tv_tensors.BoundingBoxes(
+                torch.from_numpy(raw["boxes"]), format="XYXY", canvas_size=(height, width)
+            )
+            sample["box_labels"] = torch.from_numpy(raw["box_labels"])
+            sample["instance_masks"] = tv_tensors.Mask(torch.from_numpy(raw["instance_masks"]))
+        if "segmentation" in raw:
+            sample["segmentation"] = tv_tensors.Mask(torch.from_numpy(raw["segmentation"]))
+        if "depth" in raw:
+            sample["depth"] = Depth(torch.from_numpy(raw["depth"])[None])
+        if "normals" in raw:
+            sample["normals"] = Normals(torch.from_numpy(raw["normals"]))
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return sample
+
+    def label_counts(self) -> dict[str, int]:
+        """How many of the kept images have a label for each task."""
+        counts = {}
+        for task in self.tasks:
+            if task == "classification":
+                counts[task] = sum(e.label is not None for e in self._entries)
+            elif task == "detection":
+                counts[task] = sum(e.key in self._det for e in self._entries)
+            else:
+                counts[task] = sum(task in e.files for e in self._entries)
+        return counts
+
+    def report(self) -> str:
+        """A summary: images, labels per task, notes, and every skipped file with its reason."""
+        lines = [
+            f"{self.name} [{self.split}]: {len(self)} images under {self.images_root} "
+            f"(checked: {'every file decoded' if self.on_error == 'skip' else 'index only'})"
+        ]
+        for task, n in self.label_counts().items():
+            line = f"  {task}: {n} labelled"
+            if task in self.classes:
+                line += f", {len(self.classes[task])} classes"
+            if task == "detection":
+                boxes = sum(len(self._det[e.key].ids) for e in self._entries if e.key in self._det)
+                line += f", {boxes} boxes"
+                if self.crowd_ignored:
+                    line += f", {self.crowd_ignored} crowd annotations ignored"
+            lines.append(line)
+        lines.extend(f"  note: {n}" for n in self.notes)
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)}:")
+            for path, reason in self.skipped[:_MAX_LISTED_SKIPS]:
+                lines.append(f"    {path}: {reason}")
+            if len(self.skipped) > _MAX_LISTED_SKIPS:
+                lines.append(f"    ... and {len(self.skipped) - _MAX_LISTED_SKIPS} more")
+        else:
+            lines.append("  nothing skipped")
+        return "\n".join(lines)
