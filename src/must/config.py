@@ -1,0 +1,157 @@
+"""Typed, validated configuration: one pydantic model per stage, loaded from YAML with
+command-line overrides (``train.lr=0.02``). Errors name the file and the dotted key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from must.errors import ConfigError, describe_validation_error
+from must.models.backbone import BackboneConfig
+
+TaskName = Literal["classification", "detection", "segmentation", "depth", "normals"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AugmentConfig(_Strict):
+    scale: tuple[float, float] = (0.35, 1.0)  # random resized crop: area fraction
+    hflip: float = Field(0.5, ge=0, le=1)
+    color_jitter: float = Field(0.2, ge=0)
+    depth_scales_with_zoom: bool = True
+
+
+class DataConfig(_Strict):
+    # A dataset folder (manifest.json / dataset.yaml) or the name of a scene-world style,
+    # which is rendered once into ``cache``.
+    dataset: str
+    num: int = Field(2000, ge=1, description="images to render when dataset is a style")
+    render_size: int = Field(64, ge=16)
+    render_seed: int = 0
+    cache: str = "runs/data"
+    image_size: int = Field(64, ge=16, description="training/eval size after augmentation")
+    augment: AugmentConfig = AugmentConfig()
+    num_workers: int = Field(0, ge=0)
+    skip_bad: bool = False  # count and report bad samples instead of stopping
+
+
+class ModelConfig(_Strict):
+    backbone: BackboneConfig = BackboneConfig()
+    # Per-task head settings, e.g. {"detection": {"levels": ["p2", "p3"]}}.
+    heads: dict[TaskName, dict[str, Any]] = {}
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.02, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    max_steps: int = Field(1000, ge=1)
+    val_every: int = Field(250, ge=1, description="validate every N training steps")
+    checkpoint_every: int = Field(100, ge=1, description="save last.ckpt every N steps")
+    grad_clip: float | None = 10.0
+    # auto: bf16 mixed precision on a GPU that supports it (else fp16), fp32 on a CPU
+    # (bf16-mixed on a CPU is faster but opt-in: see docs/training.md).
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _final_weights_are_validated(self) -> TrainConfig:
+        if self.max_steps % self.val_every:
+            raise ValueError(
+                f"max_steps ({self.max_steps}) must be a multiple of val_every "
+                f"({self.val_every}) so that the final weights are validated too"
+            )
+        return self
+
+
+class TeachConfig(_Strict):
+    """``must teach``: one specialized teacher, one task, one dataset."""
+
+    task: TaskName
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=0.1", "model.heads.detection.levels=[p2,p3]"]`` -> nested dict (values
+    parsed as YAML, so numbers, lists and null work)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=0.05")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is set twice")
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+    return out
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(kind: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
+    """Load a YAML config (a file, or a preset name from ``configs/``), apply overrides and
+    validate; a bad or unknown key is reported by its dotted name."""
+    raw: dict[str, Any] = {}
+    where = "command line"
+    if path is not None:
+        file = resolve_preset(path)
+        where = str(file)
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{file}: cannot read config: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: a config must be a mapping of keys")
+        raw = loaded
+    raw = merge(raw, parse_overrides(overrides or []))
+    try:
+        return kind.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{where}: invalid config:\n{describe_validation_error(err)}") from err
+
+
+def presets_dir() -> Path:
+    """``configs/`` of the source tree (presets ship with the repository)."""
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def resolve_preset(path: str | Path) -> Path:
+    file = Path(path)
+    if file.exists():
+        return file
+    for candidate in (presets_dir() / f"{path}.yaml", presets_dir() / str(path)):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"{path}: no such config file or preset in {presets_dir()}")
+
+
+def dump_yaml(model: BaseModel) -> str:
+    return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,88 @@
+"""``must eval``: evaluate any checkpoint on any compatible dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from must.checkpoint import load_model
+from must.config import DataConfig
+from must.data.readers import MultiTaskDataset
+from must.errors import ConfigError
+from must.train.data import make_dataset, make_loader, prepare_dataset
+
+
+def evaluate(
+    checkpoint: str | Path,
+    data: str,
+    split: str = "test",
+    *,
+    batch_size: int = 64,
+    num: int = 1000,
+    render_size: int = 64,
+    cache: str = "runs/data",
+    image_size: int | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Metrics per task for the tasks the checkpoint and the dataset share.
+
+    ``data`` is a dataset folder or a scene-world style (rendered with ``num`` images of
+    ``render_size`` pixels into ``cache``). Vocabularies must match exactly.
+    """
+    model, payload = load_model(checkpoint)
+    size = image_size or payload.get("info", {}).get("image_size", 64)
+    cfg = DataConfig(dataset=data, num=num, render_size=render_size, cache=cache, image_size=size)
+    root = prepare_dataset(cfg, progress=progress)
+    dataset = make_dataset(root, split, cfg, train=False)
+    shared = [t for t in model.tasks if t in dataset.tasks]
+    if not shared:
+        raise ConfigError(
+            f"{dataset.manifest}: split {split!r} has labels for {dataset.tasks or 'no task'}, "
+            f"the checkpoint predicts {list(model.tasks)}: nothing to evaluate"
+        )
+    for name in shared:
+        mine, theirs = model.tasks[name].classes, dataset.classes.get(name)
+        if model.tasks[name].needs_classes and theirs is not None and list(theirs) != mine:
+            raise ConfigError(
+                f"{dataset.manifest}: {name} classes {theirs} do not match the checkpoint's {mine}"
+            )
+    return run_metrics(model, dataset, shared, batch_size, progress)
+
+
+@torch.inference_mode()
+def run_metrics(
+    model, dataset: MultiTaskDataset, tasks: list[str], batch_size: int, progress: bool = True
+) -> dict[str, dict[str, float]]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    metrics = {name: model.tasks[name].new_metric().to(device) for name in tasks}
+    loader = make_loader(dataset, {n: model.tasks[n] for n in tasks}, batch_size, 0, False)
+    for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress):
+        batch = batch.to(device)
+        predictions, _ = model(batch.images)
+        for name, metric in metrics.items():
+            if name in batch.targets:
+                metric.update(predictions[name], batch.targets[name])
+    return {
+        name: {k: float(v) for k, v in metric.compute().items()}
+        for name, metric in metrics.items()
+        if metric.update_called
+    }
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    rows = [("task", "metric", "value")]
+    for task, values in results.items():
+        for key, value in values.items():
+            rows.append((task, key, f"{value:.4f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [
+        "  ".join(
+            cell.ljust(widths[i]) if i < 2 else cell.rjust(widths[i]) for i, cell in enumerate(r)
+        )
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

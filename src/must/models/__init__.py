@@ -1,0 +1,1 @@
+"""Models: a ResNet + FPN backbone shared by one head per task."""

@@ -1,0 +1,145 @@
+"""ResNet + FPN backbone producing C5, P2-P7 and "fused P2" (every level resized to P2, summed).
+
+The ResNet is timm's (depth and widths are settings, so a tiny CPU variant and ResNet-50/101/152
+are one setting apart); the pyramid is torchvision's ``FeaturePyramidNetwork`` with P6/P7 from
+P5 as in RetinaNet/MuST. Images are normalised here, once, so heads never normalise again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from must.errors import ConfigError
+
+# depth -> (block, blocks per stage)
+RESNET_LAYOUTS = {
+    10: (BasicBlock, (1, 1, 1, 1)),
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+    152: (Bottleneck, (3, 8, 36, 3)),
+}
+LEVELS = ("p2", "p3", "p4", "p5", "p6", "p7")
+STRIDES = {"c5": 32, "p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128, "fused": 4}
+
+
+class BackboneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    depth: int = Field(18, description="ResNet depth: 10, 18, 34, 50, 101 or 152")
+    widths: tuple[int, int, int, int] = (64, 128, 256, 512)
+    stem_width: int = 64
+    fpn_channels: int = 256
+    # Levels summed into "fused P2" for the pixel heads.
+    fuse_levels: tuple[str, ...] = LEVELS
+    # A local state dict: torchvision or timm ResNet weights, or a must backbone export.
+    weights: str | None = None
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class Backbone(nn.Module):
+    """Images (B, 3, H, W) in [0, 1] -> dict with "c5", "p2".."p7" and "fused"."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        if config.depth not in RESNET_LAYOUTS:
+            raise ConfigError(
+                f"model.backbone.depth: {config.depth} is not one of {sorted(RESNET_LAYOUTS)}"
+            )
+        bad = [lv for lv in config.fuse_levels if lv not in LEVELS]
+        if bad:
+            raise ConfigError(f"model.backbone.fuse_levels: unknown levels {bad}; use {LEVELS}")
+        self.config = config
+        block, layers = RESNET_LAYOUTS[config.depth]
+        self.body = ResNet(
+            block, layers, channels=config.widths, stem_width=config.stem_width, num_classes=0
+        )
+        stage_channels = [w * block.expansion for w in config.widths]
+        self.c5_channels = stage_channels[-1]
+        self.fpn = FeaturePyramidNetwork(
+            stage_channels,
+            config.fpn_channels,
+            extra_blocks=LastLevelP6P7(config.fpn_channels, config.fpn_channels),
+        )
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        if config.weights:
+            load_resnet_weights(self.body, config.weights)
+
+    @property
+    def out_channels(self) -> int:
+        return self.config.fpn_channels
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = (images - self.mean) / self.std
+        b = self.body
+        x = b.maxpool(b.act1(b.bn1(b.conv1(x))))
+        stages = OrderedDict()
+        for i, layer in enumerate((b.layer1, b.layer2, b.layer3, b.layer4), start=2):
+            x = layer(x)
+            stages[f"c{i}"] = x
+        pyramid = self.fpn(stages)
+        feats = dict(zip(LEVELS, pyramid.values(), strict=True))
+        feats["c5"] = stages["c5"]
+        size = feats["p2"].shape[-2:]
+        fused = feats["p2"]
+        for level in self.config.fuse_levels:
+            if level != "p2":
+                fused = fused + F.interpolate(
+                    feats[level], size=size, mode="bilinear", align_corners=False
+                )
+        feats["fused"] = fused
+        return feats
+
+
+def load_resnet_weights(body: nn.Module, path: str | Path) -> None:
+    """Load a local ResNet state dict (torchvision, timm, or ours) into ``body``.
+
+    Classifier weights ("fc.*") are ignored; any other missing or unexpected key is an error
+    naming the keys, so a file for another architecture is never half-loaded silently.
+    """
+    path = Path(path)
+    try:
+        state = _read_state_dict(path)
+    except Exception as err:  # any reader failure is reported with the file
+        raise ConfigError(f"{path}: cannot read weights: {err}") from err
+    for prefix in ("backbone.body.", "body.", "module.", "model."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = body.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape_mismatch = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or shape_mismatch:
+        raise ConfigError(
+            f"{path}: weights do not fit this ResNet "
+            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+            f"shape mismatch {shape_mismatch[:5]}); check model.backbone.depth and widths"
+        )
+    body.load_state_dict(state)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError("expected a state dict")
+    return obj

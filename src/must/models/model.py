@@ -1,0 +1,51 @@
+"""``MultiTaskModel``: one backbone and a ``ModuleDict`` of heads, one per task.
+
+A teacher is a MultiTaskModel with one task, the student has several, and a transfer model
+has one new task on a backbone initialised from another checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from must.models.backbone import Backbone, BackboneConfig
+from must.tasks.base import Task
+
+
+class MultiTaskModel(nn.Module):
+    def __init__(self, backbone: BackboneConfig | Backbone, tasks: dict[str, Task]) -> None:
+        super().__init__()
+        if not tasks:
+            raise ValueError("a model needs at least one task")
+        self.backbone = backbone if isinstance(backbone, Backbone) else Backbone(backbone)
+        self.tasks = dict(tasks)
+        self.heads = nn.ModuleDict(
+            {
+                name: task.build_head(self.backbone.out_channels, self.backbone.c5_channels)
+                for name, task in tasks.items()
+            }
+        )
+
+    def forward(
+        self, images: torch.Tensor, targets: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+        """Predictions per task and, given targets, loss terms per task.
+
+        Tasks missing from ``targets`` (no image of the batch has their label) get zero
+        losses that keep every head in the graph, as DDP requires.
+        """
+        feats = self.backbone(images)
+        image_size = (images.shape[-2], images.shape[-1])
+        predictions: dict[str, Any] = {}
+        losses: dict[str, dict[str, torch.Tensor]] = {}
+        for name, head in self.heads.items():
+            if targets is None:
+                predictions[name], _ = head(feats, image_size, None)
+            elif targets.get(name) is None:
+                losses[name] = {"loss": head.zero_loss()}
+            else:
+                predictions[name], losses[name] = head(feats, image_size, targets[name])
+        return predictions, losses

@@ -1,0 +1,108 @@
+"""What every task provides. One object per task; adding a task is adding a file and one line
+in ``must.tasks.TASK_TYPES``.
+
+A task owns: the sample keys holding its labels, its vocabulary, its head (built on the shared
+backbone), batching its labels (images without a label are marked absent), its loss (over
+the images that have a label only), its predictions and its metric.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+from torchmetrics import Metric
+
+
+class TaskConfig(BaseModel):
+    """Settings of one task's head; each task extends it with its own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_channels: int | None = None  # pixel heads: width of the hidden convs (None: FPN width)
+
+
+@dataclass
+class Batch:
+    """A collated batch: stacked images and one batched target per task (None when no image of
+    the batch has that task's label)."""
+
+    images: torch.Tensor  # (B, 3, H, W) float in [0, 1]
+    targets: dict[str, Any]
+    keys: list[str]
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            images=self.images.to(device),
+            targets={k: _to(v, device) for k, v in self.targets.items()},
+            keys=self.keys,
+        )
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+class TaskHead(nn.Module):
+    """A head: shared features in, (predictions, named loss terms) out.
+
+    ``target`` is None at inference; with a target the head returns its loss terms,
+    computed over the images whose label is present only. A batch where no image has the
+    label yields zero losses that still touch every parameter (DDP needs that).
+    """
+
+    def forward(
+        self, feats: dict[str, torch.Tensor], image_size: tuple[int, int], target: Any = None
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def zero_loss(self) -> torch.Tensor:
+        return sum(p.sum() for p in self.parameters()) * 0.0
+
+
+class Task(ABC):
+    """One vision task. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    label_keys: ClassVar[tuple[str, ...]]  # sample-dict keys that hold this task's labels
+    primary_metric: ClassVar[str]  # the metric checkpoints are selected on
+    higher_is_better: ClassVar[bool]
+    needs_classes: ClassVar[bool] = True
+    config_type: ClassVar[type[TaskConfig]] = TaskConfig
+
+    def __init__(self, classes: list[str] | None = None, config: TaskConfig | None = None) -> None:
+        if self.needs_classes and not classes:
+            raise ValueError(f"task {self.name!r} needs its list of classes")
+        self.classes = list(classes or [])
+        self.config = config or self.config_type()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def has_label(self, sample: dict) -> bool:
+        return self.label_keys[0] in sample
+
+    @abstractmethod
+    def build_head(self, in_channels: int, c5_channels: int) -> TaskHead: ...
+
+    @abstractmethod
+    def collate(self, samples: list[dict]) -> Any:
+        """Batch the labels of ``samples`` (some may lack them); None if none has a label."""
+
+    @abstractmethod
+    def new_metric(self) -> Metric:
+        """A fresh metric; ``update(predictions, target)``, ``compute() -> dict[str, Tensor]``."""
+
+    def describe(self) -> dict:
+        return {"name": self.name, "classes": self.classes, "config": self.config.model_dump()}

@@ -1,0 +1,119 @@
+"""Image classification: global average pooling over C5 + one linear layer, top-1/top-5.
+
+Labels: a hard class id under ``"classification"`` (int64, 0-d) and/or, for pseudo labels, a
+probability vector under ``"classification_soft"`` (float, (K,)); the soft one wins when both
+are present. Target (from :meth:`ClassificationTask.collate`): ``{"probs": (B, K) float32
+(one-hot for hard labels), "present": (B,) bool}``. Predictions: logits (B, K).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from torchmetrics import Metric
+
+from must.tasks.base import Task, TaskConfig, TaskHead
+
+SOFT_KEY = "classification_soft"
+
+
+class ClassificationConfig(TaskConfig):
+    label_smoothing: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class ClassificationHead(TaskHead):
+    def __init__(self, c5_channels: int, num_classes: int, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(c5_channels, num_classes)
+        self.label_smoothing = label_smoothing
+
+    def forward(
+        self, feats: dict[str, torch.Tensor], image_size: tuple[int, int], target: Any = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.fc(feats["c5"].mean(dim=(2, 3))).float()
+        if target is None:
+            return logits, {}
+        present = target["present"]
+        if not bool(present.any()):
+            return logits, {"ce": self.zero_loss()}
+        # Cross-entropy against probability targets (one-hot or soft), images with a label only.
+        ce = F.cross_entropy(
+            logits[present], target["probs"][present], label_smoothing=self.label_smoothing
+        )
+        return logits, {"ce": ce}
+
+
+class ClassificationMetric(Metric):
+    """Top-1 and top-k (k = min(5, K)) accuracy over the whole set, against the argmax of the
+    target probabilities, over images with a label."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.k = min(5, num_classes)
+        for name in ("correct1", "correct5", "total"):
+            self.add_state(name, default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, predictions: torch.Tensor, target: Any) -> None:
+        """``predictions``: logits (B, K); ``target``: a collated target or (B,) class ids."""
+        if isinstance(target, dict):
+            labels = target["probs"].argmax(1)
+            present = target["present"]
+        else:
+            labels, present = target, torch.ones_like(target, dtype=torch.bool)
+        labels = labels.to(predictions.device)[present.to(predictions.device)]
+        logits = predictions[present.to(predictions.device)]
+        topk = logits.topk(self.k, dim=1).indices
+        hits = topk == labels[:, None]
+        self.correct1 += hits[:, 0].sum()
+        self.correct5 += hits.any(1).sum()
+        self.total += labels.numel()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.total.double()  # 0 -> NaN: nothing was scored
+        return {"top1": self.correct1 / n, "top5": self.correct5 / n}
+
+
+class ClassificationTask(Task):
+    """Whole-image classification over ``classes``."""
+
+    name = "classification"
+    label_keys = ("classification",)
+    primary_metric = "top1"
+    higher_is_better = True
+    config_type = ClassificationConfig
+    config: ClassificationConfig
+
+    def has_label(self, sample: dict) -> bool:
+        return "classification" in sample or SOFT_KEY in sample
+
+    def build_head(self, in_channels: int, c5_channels: int) -> TaskHead:
+        return ClassificationHead(c5_channels, self.num_classes, self.config.label_smoothing)
+
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor] | None:
+        present = [self.has_label(s) for s in samples]
+        if not any(present):
+            return None
+        k = self.num_classes
+        probs = torch.zeros(len(samples), k)
+        for i, s in enumerate(samples):
+            if SOFT_KEY in s:
+                p = torch.as_tensor(s[SOFT_KEY], dtype=torch.float32).reshape(-1)
+                if p.numel() != k:
+                    raise ValueError(f"{SOFT_KEY!r} has {p.numel()} probabilities, expected {k}")
+                probs[i] = p
+            elif "classification" in s:
+                label = int(s["classification"])
+                if not 0 <= label < k:
+                    raise ValueError(f"class id {label} is outside the {k} classes")
+                probs[i, label] = 1.0
+        return {"probs": probs, "present": torch.tensor(present, dtype=torch.bool)}
+
+    def new_metric(self) -> Metric:
+        return ClassificationMetric(self.num_classes)

@@ -1,0 +1,160 @@
+"""Monocular depth: metric depth per pixel, a pixel head on fused P2, AbsRel / RMSE / delta.
+
+Target (from :meth:`DepthTask.collate`): ``{"depth": (B, 1, H, W) float32 metres, "present":
+(B,) bool}``; 0 marks an invalid pixel (and fills images without a label), so it is never
+learned nor scored. Predictions: depth in metres, (B, 1, H, W), within [min_depth, max_depth].
+
+Output activation: the head's raw output is log-depth ``z``; the prediction is
+``exp(clamp(z, log min_depth, log max_depth))``. Log-depth is what the scale-invariant loss
+works in (no exp-then-log round trip), it spreads near and far depths evenly over the output
+range and keeps depth positive. The clamp is straight-through (its gradient is the identity)
+so a pixel pushed outside the range can always be pulled back, while the value the loss and
+the metric see is the clamped one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torchmetrics import Metric
+
+from must.tasks.base import TaskHead
+from must.tasks.pixel import PixelHead, PixelTask, PixelTaskConfig, collate_dense, target_field
+
+
+class DepthConfig(PixelTaskConfig):
+    min_depth: float = Field(1e-3, gt=0)
+    max_depth: float = Field(80.0, gt=0)
+    loss: Literal["silog", "l1"] = "silog"
+    silog_lambda: float = Field(0.85, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> DepthConfig:
+        if self.max_depth <= self.min_depth:
+            raise ValueError(
+                f"max_depth ({self.max_depth}) must exceed min_depth ({self.min_depth})"
+            )
+        return self
+
+
+class DepthHead(PixelHead):
+    def __init__(self, *, config: DepthConfig, **kwargs: Any) -> None:
+        super().__init__(out_channels=1, **kwargs)
+        self.log_min = math.log(config.min_depth)
+        self.log_max = math.log(config.max_depth)
+        self.loss_kind = config.loss
+        self.silog_lambda = config.silog_lambda
+
+    def forward(
+        self, feats: dict[str, torch.Tensor], image_size: tuple[int, int], target: Any = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z = self.raw(feats, image_size)
+        # Straight-through clamp: clamped value, identity gradient.
+        log_depth = z + (z.clamp(self.log_min, self.log_max) - z).detach()
+        depth = log_depth.exp()
+        if target is None:
+            return depth, {}
+        gt = target["depth"]
+        valid = (gt > 0) & torch.isfinite(gt)
+        # Invalid labels become 1 m (log 0, finite): a NaN there would reach the gradient
+        # through where(); every use below masks them out anyway.
+        gt = torch.where(valid, gt, torch.ones_like(gt))
+        if not bool(valid.any()):
+            return depth, {self.loss_kind: self.zero_loss()}
+        if self.loss_kind == "l1":
+            n = valid.sum()
+            # where(), not a product with the mask: a NaN label must not leak into the sum.
+            l1 = torch.where(valid, (depth - gt).abs(), torch.zeros_like(depth)).sum() / n
+            return depth, {"l1": l1}
+        return depth, {"silog": silog_loss(log_depth, gt, valid, self.silog_lambda)}
+
+
+def silog_loss(
+    log_pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, lam: float = 0.85
+) -> torch.Tensor:
+    """Scale-invariant log loss (Eigen et al. 2014), per image, averaged over the images that
+    have a valid pixel: ``sqrt(mean(g^2) - lam * mean(g)^2)``, ``g = log pred - log gt`` over
+    the image's valid pixels. Per image, because each image's unknown scale is what the loss
+    forgives; an image without a valid pixel contributes nothing."""
+    b = log_pred.shape[0]
+    validf = valid.to(log_pred.dtype).reshape(b, -1)
+    # Invalid pixels get gt 1 before the log (finite), then are masked out of every sum.
+    gt = torch.where(valid, gt, torch.ones_like(gt))
+    g = torch.where(valid, log_pred - gt.log(), torch.zeros_like(log_pred)).reshape(b, -1)
+    n = validf.sum(1)
+    has = n > 0
+    n = n.clamp(min=1)
+    mean_g = g.sum(1) / n
+    mean_g2 = (g * g).sum(1) / n
+    # Mathematically >= 0 for lam <= 1, but rounding can dip below; the floor also keeps
+    # sqrt's gradient finite at a perfect prediction.
+    var = (mean_g2 - lam * mean_g * mean_g).clamp(min=1e-12)
+    return var.sqrt()[has].mean()
+
+
+class DepthMetric(Metric):
+    """Depth errors over every valid pixel of the set (pooled sums, not a mean of per-image
+    means): ``abs_rel`` = mean |p-g|/g, ``rmse`` = sqrt(mean (p-g)^2) in metres, ``delta1/2/3``
+    = fraction of pixels with max(p/g, g/p) < 1.25, 1.25^2, 1.25^3. Valid: g > 0."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # float64 sums: millions of pixels per set would lose digits in float32.
+        for name in ("count", "abs_rel", "sq", "delta1", "delta2", "delta3"):
+            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, predictions: torch.Tensor, target: Any) -> None:
+        """``predictions``: depth (B, 1, H, W) or any shape matching ``target``'s depth."""
+        gt, _ = target_field(target, "depth")
+        gt = gt.to(predictions.device).double()
+        p = predictions.double().reshape(gt.shape)
+        valid = (gt > 0) & torch.isfinite(gt)
+        # A non-positive prediction would make the ratio infinite; our head never emits one.
+        p, g = p[valid].clamp(min=1e-12), gt[valid]
+        ratio = torch.maximum(p / g, g / p)
+        self.count += valid.sum()
+        self.abs_rel += ((p - g).abs() / g).sum()
+        self.sq += ((p - g) ** 2).sum()
+        self.delta1 += (ratio < 1.25).sum()
+        self.delta2 += (ratio < 1.25**2).sum()
+        self.delta3 += (ratio < 1.25**3).sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.count  # 0 -> NaN everywhere: nothing was scored
+        return {
+            "abs_rel": self.abs_rel / n,
+            "rmse": (self.sq / n).sqrt(),
+            "delta1": self.delta1 / n,
+            "delta2": self.delta2 / n,
+            "delta3": self.delta3 / n,
+        }
+
+
+class DepthTask(PixelTask):
+    """Metric depth regression (metres)."""
+
+    name = "depth"
+    label_keys = ("depth",)
+    primary_metric = "abs_rel"
+    higher_is_better = False
+    needs_classes = False
+    config_type = DepthConfig
+    config: DepthConfig
+
+    def build_head(self, in_channels: int, c5_channels: int) -> TaskHead:
+        return DepthHead(config=self.config, **self.head_kwargs(in_channels))
+
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor] | None:
+        out = collate_dense(samples, "depth", 0.0, torch.float32, channels=1)
+        if out is None:
+            return None
+        depth, present = out
+        return {"depth": depth, "present": present}
+
+    def new_metric(self) -> Metric:
+        return DepthMetric()

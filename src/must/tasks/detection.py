@@ -1,0 +1,396 @@
+"""Object detection: a two-stage (Faster R-CNN style) head on the shared FPN, COCO box mAP.
+
+The head is composed from torchvision's parts, not ``FasterRCNN`` (which owns a backbone and
+resizes and normalises images a second time): a ``RegionProposalNetwork`` (``RPNHead`` with 2
+hidden convs) and ``RoIHeads`` (``MultiScaleRoIAlign`` + ``FastRCNNConvFCHead`` with
+``num_convs`` hidden convs and one fully connected layer), both reading the pyramid levels in
+``DetectionConfig.levels``. This is MuST's detection head (the paper reads P3-P7; small images
+default to P2-P4).
+
+Labels: ``"boxes"`` (N, 4) float XYXY in pixels and ``"box_labels"`` (N,) int64, 0-based.
+Target (from :meth:`DetectionTask.collate`): ``{"boxes": [(n_i, 4) float32], "labels":
+[(n_i,) int64], "present": (B,) bool}``; an absent image has empty boxes and is ignored, an
+image that is present with zero boxes is a negatives-only image. Predictions: one dict per
+image, ``{"boxes": (n, 4) float32, "labels": (n,) int64 (0-based), "scores": (n,) float32}``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision import tv_tensors
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.transforms.v2.functional import convert_bounding_box_format
+
+from must.models.backbone import LEVELS, STRIDES
+from must.tasks.base import Task, TaskConfig, TaskHead
+
+LOSS_NAMES = {
+    "loss_objectness": "rpn_objectness",
+    "loss_rpn_box_reg": "rpn_box",
+    "loss_classifier": "cls",
+    "loss_box_reg": "box",
+}
+
+
+class DetectionConfig(TaskConfig):
+    """Settings of the detection head; the defaults are sized for small images (64-256 px)."""
+
+    # Pyramid levels read by the RPN and the RoI pooling: a contiguous run of p2..p7 (sorted
+    # here). MuST uses p3-p7; tiny images have no useful p6/p7.
+    levels: list[str] = Field(default_factory=lambda: ["p2", "p3", "p4"])
+    # One anchor size (pixels) per level; None: 4 x the level's stride.
+    anchor_sizes: list[int] | None = None
+    aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)
+    # RPN proposals kept per level before NMS, and per image after it.
+    rpn_pre_nms_top_n_train: int = Field(600, ge=1)
+    rpn_pre_nms_top_n_test: int = Field(300, ge=1)
+    rpn_post_nms_top_n_train: int = Field(300, ge=1)
+    rpn_post_nms_top_n_test: int = Field(150, ge=1)
+    rpn_batch_size_per_image: int = Field(128, ge=1)  # anchors sampled for the RPN loss
+    box_batch_size_per_image: int = Field(128, ge=1)  # proposals sampled for the box loss
+    box_score_thresh: float = Field(0.05, ge=0.0, le=1.0)
+    box_nms_thresh: float = Field(0.5, ge=0.0, le=1.0)
+    detections_per_img: int = Field(50, ge=1)
+    fc_dim: int = Field(256, ge=1)
+    num_convs: int = Field(4, ge=0)  # hidden 3x3 convs of the box head
+
+    @field_validator("levels")
+    @classmethod
+    def _check_levels(cls, levels: list[str]) -> list[str]:
+        unknown = [lv for lv in levels if lv not in LEVELS]
+        if unknown:
+            raise ValueError(f"unknown pyramid levels {unknown}; use levels among {list(LEVELS)}")
+        if not levels or len(set(levels)) != len(levels):
+            raise ValueError(f"levels must be non-empty and without repeats, got {levels}")
+        idx = sorted(LEVELS.index(lv) for lv in levels)
+        # MultiScaleRoIAlign maps a box to level k - k_min and indexes the maps with it, so a
+        # gap (e.g. p2, p4) would pool from the wrong map.
+        if idx != list(range(idx[0], idx[-1] + 1)):
+            raise ValueError(f"levels must be a contiguous run such as p3-p5, got {levels}")
+        return [LEVELS[i] for i in idx]
+
+    @model_validator(mode="after")
+    def _check_anchor_sizes(self) -> DetectionConfig:
+        if self.anchor_sizes is not None:
+            if len(self.anchor_sizes) != len(self.levels):
+                raise ValueError(
+                    f"anchor_sizes has {len(self.anchor_sizes)} sizes for "
+                    f"{len(self.levels)} levels {self.levels}; give one size per level"
+                )
+            if any(s <= 0 for s in self.anchor_sizes):
+                raise ValueError(f"anchor_sizes must be positive, got {self.anchor_sizes}")
+        if any(r <= 0 for r in self.aspect_ratios):
+            raise ValueError(f"aspect_ratios must be positive, got {self.aspect_ratios}")
+        return self
+
+    def level_anchor_sizes(self) -> list[int]:
+        return list(self.anchor_sizes or [4 * STRIDES[lv] for lv in self.levels])
+
+
+class _StrideAnchorGenerator(AnchorGenerator):
+    """``AnchorGenerator`` with the levels' true strides.
+
+    torchvision infers a stride as ``image_size // grid_size``, exact only for images padded to
+    a multiple of the coarsest stride (``FasterRCNN`` pads; we do not), so the anchors of a
+    70 px image would drift. The strides are known, so use them.
+    """
+
+    def __init__(
+        self,
+        strides: list[int],
+        sizes: tuple[tuple[int, ...], ...],
+        aspect_ratios: tuple[tuple[float, ...], ...],
+    ) -> None:
+        super().__init__(sizes, aspect_ratios)
+        self.strides = list(strides)
+
+    def forward(
+        self, image_list: ImageList, feature_maps: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        grid_sizes = [list(f.shape[-2:]) for f in feature_maps]
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
+        self.set_cell_anchors(dtype, device)
+        anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
+        return [anchors for _ in image_list.image_sizes]
+
+
+class _RPNHead(RPNHead):
+    """RPNHead whose outputs are float32: under autocast the convs may run in bf16/fp16, but
+    box decoding and losses must not (bf16 keeps 8 bits: a 300 px coordinate moves by 2 px)."""
+
+    def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+class _BoxPredictor(FastRCNNPredictor):
+    """FastRCNNPredictor with float32 outputs (see :class:`_RPNHead`)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, deltas = super().forward(x)
+        return scores.float(), deltas.float()
+
+
+class DetectionHead(TaskHead):
+    """RPN + Fast R-CNN box head on the shared pyramid (see the module docstring)."""
+
+    def __init__(self, in_channels: int, num_classes: int, config: DetectionConfig) -> None:
+        super().__init__()
+        cfg = config
+        self.levels = list(cfg.levels)
+        anchors = _StrideAnchorGenerator(
+            [STRIDES[lv] for lv in self.levels],
+            tuple((s,) for s in cfg.level_anchor_sizes()),
+            (tuple(cfg.aspect_ratios),) * len(self.levels),
+        )
+        # torchvision's Faster R-CNN settings, with the sampling and top-n sizes from config.
+        self.rpn = RegionProposalNetwork(
+            anchors,
+            _RPNHead(in_channels, len(cfg.aspect_ratios), conv_depth=2),
+            fg_iou_thresh=0.7,
+            bg_iou_thresh=0.3,
+            batch_size_per_image=cfg.rpn_batch_size_per_image,
+            positive_fraction=0.5,
+            pre_nms_top_n={
+                "training": cfg.rpn_pre_nms_top_n_train,
+                "testing": cfg.rpn_pre_nms_top_n_test,
+            },
+            post_nms_top_n={
+                "training": cfg.rpn_post_nms_top_n_train,
+                "testing": cfg.rpn_post_nms_top_n_test,
+            },
+            nms_thresh=0.7,
+        )
+        hidden = cfg.hidden_channels or in_channels
+        box_head = FastRCNNConvFCHead(
+            (in_channels, 7, 7),
+            [hidden] * cfg.num_convs,
+            [cfg.fc_dim],
+            norm_layer=nn.BatchNorm2d,
+        )
+        self.roi_heads = RoIHeads(
+            MultiScaleRoIAlign(featmap_names=self.levels, output_size=7, sampling_ratio=2),
+            box_head,
+            _BoxPredictor(cfg.fc_dim, num_classes + 1),  # torchvision's class 0 is background
+            fg_iou_thresh=0.5,
+            bg_iou_thresh=0.5,
+            batch_size_per_image=cfg.box_batch_size_per_image,
+            positive_fraction=0.25,
+            bbox_reg_weights=None,
+            score_thresh=cfg.box_score_thresh,
+            nms_thresh=cfg.box_nms_thresh,
+            detections_per_img=cfg.detections_per_img,
+        )
+
+    def forward(
+        self, feats: dict[str, torch.Tensor], image_size: tuple[int, int], target: Any = None
+    ) -> tuple[list[dict[str, torch.Tensor]] | None, dict[str, torch.Tensor]]:
+        """Predictions when ``target`` is None or in eval mode; loss terms (``rpn_objectness``,
+        ``rpn_box``, ``cls``, ``box``) over the present images when training with a target.
+        """
+        if target is None or not self.training:
+            # torchvision's RPN and RoIHeads branch on ``self.training``; inference without a
+            # target while training (e.g. a look at predictions mid-run) uses their test path.
+            with _test_path(self.rpn, self.roi_heads):
+                return self._predict(feats, image_size), {}
+        present = target["present"].to(torch.bool)
+        if not bool(present.any()):
+            zero = self.zero_loss()
+            return None, {name: zero for name in LOSS_NAMES.values()}
+        idx = present.nonzero().flatten().to(feats[self.levels[0]].device)
+        targets = [
+            _torchvision_target(target["boxes"][i], target["labels"][i]) for i in idx.tolist()
+        ]
+        levels = self._levels(feats, idx)
+        images = _image_list(levels, image_size)
+        proposals, rpn_losses = self.rpn(images, levels, targets)
+        _, roi_losses = self.roi_heads(levels, proposals, images.image_sizes, targets)
+        losses = {**rpn_losses, **roi_losses}
+        return None, {LOSS_NAMES[k]: v for k, v in losses.items()}
+
+    def _predict(
+        self, feats: dict[str, torch.Tensor], image_size: tuple[int, int]
+    ) -> list[dict[str, torch.Tensor]]:
+        levels = self._levels(feats)
+        images = _image_list(levels, image_size)
+        proposals, _ = self.rpn(images, levels)
+        detections, _ = self.roi_heads(levels, proposals, images.image_sizes)
+        return [
+            {"boxes": d["boxes"], "labels": d["labels"] - 1, "scores": d["scores"]}
+            for d in detections
+        ]
+
+    def _levels(
+        self, feats: dict[str, torch.Tensor], idx: torch.Tensor | None = None
+    ) -> OrderedDict[str, torch.Tensor]:
+        # float32 so that anchors, proposals and RoI pooling stay exact under autocast; the
+        # convs still run in low precision there.
+        out = OrderedDict()
+        for lv in self.levels:
+            f = feats[lv] if idx is None else feats[lv][idx]
+            out[lv] = f.float()
+        return out
+
+
+def _image_list(levels: OrderedDict[str, torch.Tensor], image_size: tuple[int, int]) -> ImageList:
+    """An ImageList without pixels: the RPN and RoI heads read only the image sizes (for
+    clipping and pooling scales) and torchvision's AnchorGenerator the shape of ``tensors``.
+    An empty (B, 0, H, W) tensor has that shape and allocates nothing."""
+    first = next(iter(levels.values()))
+    h, w = int(image_size[0]), int(image_size[1])
+    placeholder = first.new_empty((first.shape[0], 0, h, w))
+    return ImageList(placeholder, [(h, w)] * first.shape[0])
+
+
+def _torchvision_target(boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One image's target in torchvision's convention (labels 1..K, 0 = background); boxes
+    with no area are dropped (their regression target would be log(0))."""
+    boxes = boxes.float().reshape(-1, 4)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return {"boxes": boxes[keep], "labels": labels.long()[keep] + 1}
+
+
+@contextmanager
+def _test_path(*modules: nn.Module) -> Iterator[None]:
+    """Set ``training=False`` on these modules only (not their children, so BatchNorm keeps
+    its mode), restoring it after."""
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.training = False
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.training = mode
+
+
+class DetectionMetric(MeanAveragePrecision):
+    """COCO box mAP (pycocotools) over the whole set; ``compute()`` gives the scalar entries
+    ("map", "map_50", "map_75", "map_small/medium/large", "mar_1/10/100", ...).
+
+    ``update(predictions, target)`` takes the head's predictions and a collated target (absent
+    images are skipped) or a list of ``{"boxes", "labels"}`` dicts. Images with no ground truth
+    still count: their detections are false positives.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        # pycocotools' own float64 thresholds: torchmetrics' defaults come from a float32
+        # linspace (0.6 -> 0.6000000238), so an IoU of exactly 0.6 would miss COCO's ">= 0.6".
+        kwargs.setdefault("iou_thresholds", np.linspace(0.5, 0.95, 10).tolist())
+        kwargs.setdefault("rec_thresholds", np.linspace(0.0, 1.0, 101).tolist())
+        super().__init__(box_format="xyxy", iou_type="bbox", backend="pycocotools", **kwargs)
+
+    def update(self, predictions: list[dict[str, torch.Tensor]], target: Any) -> None:
+        if isinstance(target, dict):
+            gts = [
+                {"boxes": b, "labels": lab}
+                for b, lab in zip(target["boxes"], target["labels"], strict=True)
+            ]
+            present = target.get("present")
+            present = [True] * len(gts) if present is None else [bool(p) for p in present]
+        else:
+            gts, present = list(target), [True] * len(target)
+        if len(predictions) != len(gts):
+            raise ValueError(f"{len(predictions)} predictions for {len(gts)} targets")
+        preds, refs = [], []
+        for pred, gt, keep in zip(predictions, gts, present, strict=True):
+            if not keep:
+                continue
+            device = pred["boxes"].device
+            preds.append(
+                {
+                    "boxes": pred["boxes"].detach().float().reshape(-1, 4),
+                    "scores": pred["scores"].detach().float(),
+                    "labels": pred["labels"].detach().long(),
+                }
+            )
+            refs.append(
+                {
+                    "boxes": torch.as_tensor(gt["boxes"]).float().reshape(-1, 4).to(device),
+                    "labels": torch.as_tensor(gt["labels"]).long().to(device),
+                }
+            )
+        if preds:
+            super().update(preds, refs)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        # Drop the per-class vectors and the class list: callers log each value as a float.
+        return {
+            k: v.float()
+            for k, v in super().compute().items()
+            if k != "classes" and not k.endswith("_per_class")
+        }
+
+
+class DetectionTask(Task):
+    """Box detection over ``classes``; primary metric COCO mAP@[.5:.95]."""
+
+    name = "detection"
+    label_keys = ("boxes", "box_labels")
+    primary_metric = "map"
+    higher_is_better = True
+    config_type = DetectionConfig
+    config: DetectionConfig
+
+    def build_head(self, in_channels: int, c5_channels: int) -> TaskHead:
+        return DetectionHead(in_channels, self.num_classes, self.config)
+
+    def collate(self, samples: list[dict]) -> dict[str, Any] | None:
+        present = [self.has_label(s) for s in samples]
+        if not any(present):
+            return None
+        boxes: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        for s, has in zip(samples, present, strict=True):
+            if not has:
+                boxes.append(torch.zeros(0, 4))
+                labels.append(torch.zeros(0, dtype=torch.int64))
+                continue
+            b = _xyxy(s["boxes"])
+            if "box_labels" not in s:
+                raise ValueError("a sample has 'boxes' but no 'box_labels'")
+            lab = torch.as_tensor(s["box_labels"]).as_subclass(torch.Tensor).long().reshape(-1)
+            if lab.numel() != b.shape[0]:
+                raise ValueError(f"{b.shape[0]} boxes but {lab.numel()} box_labels")
+            if lab.numel() and not (int(lab.min()) >= 0 and int(lab.max()) < self.num_classes):
+                raise ValueError(
+                    f"box label outside the {self.num_classes} classes: {lab.tolist()}"
+                )
+            boxes.append(b)
+            labels.append(lab)
+        return {
+            "boxes": boxes,
+            "labels": labels,
+            "present": torch.tensor(present, dtype=torch.bool),
+        }
+
+    def new_metric(self) -> DetectionMetric:
+        return DetectionMetric()
+
+
+def _xyxy(value: Any) -> torch.Tensor:
+    """(N, 4) float32 XYXY boxes from BoundingBoxes (any format) or a plain tensor (XYXY)."""
+    xyxy = tv_tensors.BoundingBoxFormat.XYXY
+    if isinstance(value, tv_tensors.BoundingBoxes) and value.format != xyxy:
+        value = convert_bounding_box_format(value, new_format=xyxy)
+    t = torch.as_tensor(value).as_subclass(torch.Tensor).float()
+    if t.numel() == 0:
+        return t.reshape(0, 4)
+    if t.dim() != 2 or t.shape[1] != 4:
+        raise ValueError(f"'boxes' should be (N, 4), got shape {tuple(t.shape)}")
+    return t

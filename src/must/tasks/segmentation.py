@@ -1,0 +1,123 @@
+"""Semantic segmentation: per-pixel classes, a pixel head on fused P2, mIoU.
+
+Target (from :meth:`SegmentationTask.collate`): ``{"labels": (B, H, W) int64, "present": (B,)
+bool}``; pixels equal to ``ignore_index`` (255 by default, and every pixel of an image without
+a label) are never learned nor scored. Predictions: logits (B, K, H, W).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from must.tasks.base import TaskHead
+from must.tasks.pixel import PixelHead, PixelTask, PixelTaskConfig, collate_dense, target_field
+
+
+class SegmentationConfig(PixelTaskConfig):
+    ignore_index: int = 255
+
+
+class SegmentationHead(PixelHead):
+    def __init__(self, *, num_classes: int, ignore_index: int, **kwargs: Any) -> None:
+        super().__init__(out_channels=num_classes, **kwargs)
+        self.ignore_index = ignore_index
+
+    def forward(
+        self, feats: dict[str, torch.Tensor], image_size: tuple[int, int], target: Any = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.raw(feats, image_size)
+        if target is None:
+            return logits, {}
+        labels = target["labels"]
+        valid = (labels != self.ignore_index).sum()
+        # Sum over valid pixels / their count rather than reduction="mean": the mean is NaN
+        # when no pixel is valid, while this is an exact zero still connected to the head.
+        ce = F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="sum")
+        return logits, {"ce": ce / valid.clamp(min=1)}
+
+
+class SegmentationMetric(Metric):
+    """Confusion matrix over the whole set (rows: ground truth, columns: prediction) ->
+    ``miou`` (see :func:`miou_from_confusion`) and ``pixel_acc``."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.add_state(
+            "confusion",
+            default=torch.zeros(num_classes, num_classes, dtype=torch.long),
+            dist_reduce_fx="sum",
+        )
+
+    def update(self, predictions: torch.Tensor, target: Any) -> None:
+        """``predictions``: logits (B, K, H, W) or class ids (B, H, W); ``target``: a collated
+        target or (B, H, W) class ids."""
+        labels, _ = target_field(target, "labels")
+        pred = predictions.argmax(1) if predictions.dim() == 4 else predictions
+        labels = labels.to(pred.device)
+        # Out-of-vocabulary labels are treated like ignore: they cannot have a matrix row.
+        valid = (labels != self.ignore_index) & (labels >= 0) & (labels < self.num_classes)
+        k = self.num_classes
+        idx = labels[valid].long() * k + pred[valid].long()
+        self.confusion += torch.bincount(idx, minlength=k * k).view(k, k)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        miou, _ = miou_from_confusion(self.confusion)
+        # 0/0 -> NaN pixel accuracy when nothing was scored.
+        acc = self.confusion.diagonal().sum().double() / self.confusion.sum()
+        return {"miou": torch.tensor(miou, dtype=torch.float64), "pixel_acc": acc}
+
+
+def miou_from_confusion(conf: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Mean IoU and per-class IoU of a (K, K) confusion matrix (rows: truth, columns: pred).
+
+    IoU_c = TP / (TP + FP + FN). A class absent from both ground truth and predictions has
+    0/0 = NaN IoU and is left out of the mean (the VOC / mmseg convention); a class that
+    appears in either counts, with IoU 0 when never predicted right. NaN when no class
+    appears at all (nothing was scored).
+    """
+    conf = conf.double()
+    tp = conf.diagonal()
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = tp / union  # 0/0 -> NaN for absent classes
+    seen = union > 0
+    miou = float(iou[seen].mean()) if bool(seen.any()) else float("nan")
+    return miou, iou
+
+
+class SegmentationTask(PixelTask):
+    """Semantic segmentation with a per-pixel softmax over ``classes``."""
+
+    name = "segmentation"
+    label_keys = ("segmentation",)
+    primary_metric = "miou"
+    higher_is_better = True
+    config_type = SegmentationConfig
+    config: SegmentationConfig
+
+    def build_head(self, in_channels: int, c5_channels: int) -> TaskHead:
+        return SegmentationHead(
+            num_classes=self.num_classes,
+            ignore_index=self.config.ignore_index,
+            **self.head_kwargs(in_channels),
+        )
+
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor] | None:
+        out = collate_dense(
+            samples, "segmentation", self.config.ignore_index, torch.int64, channels=None
+        )
+        if out is None:
+            return None
+        labels, present = out
+        return {"labels": labels, "present": present}
+
+    def new_metric(self) -> Metric:
+        return SegmentationMetric(self.num_classes, self.config.ignore_index)

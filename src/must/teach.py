@@ -1,0 +1,119 @@
+"""``must teach``: train one specialized teacher (step 1 of MuST)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from must.checkpoint import SUMMARY_FILE, save_model
+from must.config import TeachConfig, dump_yaml
+from must.data.readers import MultiTaskDataset
+from must.errors import ConfigError
+from must.models.model import MultiTaskModel
+from must.tasks import build_task
+from must.train.data import make_dataset, make_loader, prepare_dataset
+from must.train.fit import CHECKPOINT_DIR, fit_and_test
+from must.train.module import MultiTaskModule
+
+CONFIG_FILE = "config.yaml"
+
+
+def claim_output(out: Path, config_text: str, overwrite: bool) -> bool:
+    """Make ``out`` ours for this config. Returns True when that config already finished there.
+
+    A folder holding another config is refused unless ``overwrite``, so a resumed run never
+    mixes checkpoints of two different trainings.
+    """
+    config_file = out / CONFIG_FILE
+    if config_file.exists():
+        same = yaml.safe_load(config_file.read_text()) == yaml.safe_load(config_text)
+        if same:
+            return (out / SUMMARY_FILE).exists()
+        if not overwrite:
+            raise ConfigError(
+                f"{out}: holds a run with another config ({config_file}); "
+                "resume it with the same config, choose another --out, or pass --overwrite"
+            )
+        for name in (CHECKPOINT_DIR, "logs", "tensorboard", SUMMARY_FILE, "model.pt"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(config_text)
+    return False
+
+
+def check_classes(dataset: MultiTaskDataset, task: str, classes: list[str], what: str) -> None:
+    theirs = dataset.classes.get(task)
+    if theirs is not None and list(theirs) != list(classes):
+        raise ConfigError(
+            f"{dataset.manifest}: the {what} split's {task} classes {theirs} differ from "
+            f"the expected {classes}"
+        )
+
+
+def teach(
+    cfg: TeachConfig, out: str | Path, overwrite: bool = False, progress: bool = True
+) -> dict:
+    """Train a teacher for ``cfg.task`` on ``cfg.data``; writes ``model.pt`` and
+    ``summary.json`` into ``out`` and returns the summary. Re-running the same command
+    resumes from the last checkpoint, or returns at once if it had finished."""
+    out = Path(out)
+    if claim_output(out, dump_yaml(cfg), overwrite):
+        print(f"{out}: this teacher is already trained; nothing to do")
+        return json.loads((out / SUMMARY_FILE).read_text())
+    root = prepare_dataset(cfg.data, progress=progress)
+    train_set = make_dataset(root, "train", cfg.data, train=True)
+    if cfg.task not in train_set.tasks:
+        raise ConfigError(
+            f"{train_set.manifest}: the train split has no {cfg.task} labels "
+            f"(it has: {', '.join(train_set.tasks) or 'no labels'})"
+        )
+    classes = train_set.classes.get(cfg.task)
+    task = build_task(cfg.task, classes, cfg.model.heads.get(cfg.task))
+    splits = train_set.spec.splits
+    if "val" not in splits:
+        raise ConfigError(f"{train_set.manifest}: a 'val' split is needed to select checkpoints")
+    val_set = make_dataset(root, "val", cfg.data, train=False)
+    check_classes(val_set, cfg.task, task.classes, "val")
+    test_set = make_dataset(root, "test", cfg.data, train=False) if "test" in splits else None
+    if test_set is not None:
+        check_classes(test_set, cfg.task, task.classes, "test")
+
+    model = MultiTaskModel(cfg.model.backbone, {cfg.task: task})
+    module = MultiTaskModule(model, cfg.train)
+    tasks = model.tasks
+    tc = cfg.train
+    loaders = [
+        make_loader(train_set, tasks, tc.batch_size, cfg.data.num_workers, True, tc.seed),
+        make_loader(val_set, tasks, tc.batch_size, cfg.data.num_workers, False),
+        make_loader(test_set, tasks, tc.batch_size, cfg.data.num_workers, False)
+        if test_set is not None
+        else None,
+    ]
+    result = fit_and_test(module, *loaders, tc, out, progress=progress)
+    info: dict[str, Any] = {
+        "stage": "teacher",
+        "training": {
+            cfg.task: {
+                "dataset": str(root),
+                "dataset_name": train_set.name,
+                "train_images": len(train_set),
+                "batch_size": tc.batch_size,
+                "lr": tc.lr,
+                "image_size": cfg.data.image_size,
+            }
+        },
+        "image_size": cfg.data.image_size,
+        "skipped": [list(s) for s in train_set.skipped],
+        **result,
+        "config": cfg.model_dump(mode="json"),
+    }
+    save_model(model, out, info)
+    return json.loads((out / SUMMARY_FILE).read_text())

@@ -1,0 +1,1 @@
+"""Training: one Lightning module for teachers, students and transfer runs."""

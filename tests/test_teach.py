@@ -1,0 +1,216 @@
+"""`must teach` / `must eval`: checkpoints, resume, selection, and refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from must.checkpoint import load_model
+from must.cli import main
+from must.config import TeachConfig, load_config
+from must.data.styles import load_style
+from must.errors import ConfigError, MustError
+from must.evaluate import evaluate
+from must.models.backbone import Backbone, BackboneConfig
+from must.tasks.base import Batch
+from must.teach import teach
+from must.train.module import MultiTaskModule, NonFiniteLossError
+
+TINY = [
+    "model.backbone.depth=10",
+    "model.backbone.widths=[8,16,32,64]",
+    "model.backbone.stem_width=8",
+    "model.backbone.fpn_channels=16",
+    "data.num=30",
+    "data.render_size=32",
+    "data.image_size=32",
+    "train.batch_size=4",
+    "train.warmup_steps=1",
+    "train.max_steps=4",
+    "train.val_every=2",
+    "train.checkpoint_every=2",
+]
+
+
+def tiny(task_preset: str, cache: Path, *extra: str) -> TeachConfig:
+    return load_config(TeachConfig, task_preset, [*TINY, f"data.cache={cache}", *extra])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def seg_teacher(tmp_path_factory, cache) -> Path:
+    out = tmp_path_factory.mktemp("seg") / "teacher"
+    teach(tiny("teach_segmentation_cpu", cache), out, progress=False)
+    return out
+
+
+def test_teacher_records_what_must_needs_and_eval_reproduces_its_test_metrics(
+    seg_teacher, cache, tmp_path
+):
+    summary = json.loads((seg_teacher / "summary.json").read_text())
+    assert summary["tasks"]["segmentation"]["classes"] == load_style("rooms").segmentation_classes
+    training = summary["info"]["training"]["segmentation"]
+    assert training["batch_size"] == 4 and training["lr"] == pytest.approx(0.05)
+    assert Path(training["dataset"]).name.startswith("rooms_n30_px32")
+    assert summary["info"]["steps"] == 4
+    test = summary["info"]["test"]["segmentation"]
+    assert 0 <= test["miou"] <= 1
+    model, _ = load_model(seg_teacher)
+    assert list(model.tasks) == ["segmentation"]
+    # The stored test figures are the saved (best) weights' figures on the test split.
+    again = evaluate(seg_teacher, training["dataset"], "test", progress=False)
+    assert again["segmentation"]["miou"] == pytest.approx(test["miou"], abs=1e-6)
+    out = tmp_path / "m.json"
+    assert main(["eval", str(seg_teacher), "--data", training["dataset"], "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["segmentation"]["pixel_acc"] == pytest.approx(
+        test["pixel_acc"], abs=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "preset",
+    ["teach_classification_cpu", "teach_detection_cpu", "teach_depth_cpu"],
+)
+def test_each_embedded_teacher_trains_end_to_end(preset, cache, tmp_path):
+    cfg = tiny(preset, cache, "train.max_steps=2", "train.val_every=2")
+    summary = teach(cfg, tmp_path / "t", progress=False)
+    task = cfg.task
+    metric = summary["tasks"][task]
+    assert (
+        set(summary["info"]["test"][task])
+        >= {
+            "classification": {"top1", "top5"},
+            "detection": {"map", "map_50", "map_75"},
+            "depth": {"abs_rel", "rmse", "delta1"},
+        }[task]
+    )
+    assert metric["name"] == task
+
+
+def test_finished_teacher_is_not_retrained_and_another_config_is_refused(seg_teacher, cache):
+    stamp = (seg_teacher / "model.pt").stat().st_mtime_ns
+    teach(tiny("teach_segmentation_cpu", cache), seg_teacher, progress=False)
+    assert (seg_teacher / "model.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="another config.*--overwrite"):
+        teach(tiny("teach_segmentation_cpu", cache, "train.lr=0.1"), seg_teacher, progress=False)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(cache, tmp_path):
+    out = tmp_path / "killed"
+    args = [
+        sys.executable, "-m", "must.cli", "teach", "teach_depth_cpu", "--out", str(out),
+        "--quiet", *TINY, f"data.cache={cache}",
+        "train.max_steps=60", "train.val_every=30", "train.checkpoint_every=2",
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not last.exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists() and not (out / "summary.json").exists()
+    step_at_kill = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < step_at_kill < 60
+    assert subprocess.run(args, check=False).returncode == 0
+    info = json.loads((out / "summary.json").read_text())["info"]
+    assert info["resumed_from_step"] >= 2 and info["steps"] == 60
+
+
+def test_nan_loss_stops_with_step_and_task_and_keeps_the_last_checkpoint(
+    cache, tmp_path, monkeypatch
+):
+    from must.tasks import segmentation
+
+    calls = {"n": 0}
+    original = segmentation.SegmentationHead.forward
+
+    def poisoned(self, feats, image_size, target=None):
+        preds, losses = original(self, feats, image_size, target)
+        if target is not None:
+            calls["n"] += 1
+            if calls["n"] >= 4:
+                losses = {k: v * float("nan") for k, v in losses.items()}
+        return preds, losses
+
+    monkeypatch.setattr(segmentation.SegmentationHead, "forward", poisoned)
+    out = tmp_path / "nan"
+    cfg = tiny("teach_segmentation_cpu", cache, "train.max_steps=6", "train.val_every=6")
+    with pytest.raises(NonFiniteLossError, match=r"'segmentation' is nan at step 3"):
+        teach(cfg, out, progress=False)
+    assert (out / "checkpoints" / "last.ckpt").exists()
+    assert not (out / "model.pt").exists()
+
+
+def test_a_batch_without_any_label_is_refused(seg_teacher):
+    model, _ = load_model(seg_teacher)
+    module = MultiTaskModule(model, tiny_train())
+    batch = Batch(images=torch.rand(2, 3, 32, 32), targets={}, keys=["a", "b"])
+    with pytest.raises(MustError, match="no label for any task.*a, b"):
+        module.training_step(batch, 0)
+
+
+def tiny_train():
+    from must.config import TrainConfig
+
+    return TrainConfig(max_steps=2, val_every=1)
+
+
+def test_config_errors_name_the_key(cache, tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.lrr"):
+        tiny("teach_depth_cpu", cache, "train.lrr=0.1")
+    with pytest.raises(ConfigError, match=r"train.*multiple of val_every"):
+        tiny("teach_depth_cpu", cache, "train.max_steps=5", "train.val_every=2")
+    with pytest.raises(ConfigError, match="task"):
+        tiny("teach_depth_cpu", cache, "task=optical_flow")
+    cfg = tiny("teach_detection_cpu", cache, "model.heads.detection.levels=[p9]")
+    with pytest.raises(ConfigError, match=r"(?s)model\.heads\.detection.*levels"):
+        teach(cfg, tmp_path / "x", progress=False)
+    with pytest.raises(ConfigError, match="no such config file or preset"):
+        load_config(TeachConfig, "teach_nothing")
+
+
+def test_dataset_without_the_tasks_labels_is_refused(cache, tmp_path):
+    cfg = tiny("teach_detection_cpu", cache, "data.dataset=depth")
+    with pytest.raises(ConfigError, match="no detection labels.*it has: depth"):
+        teach(cfg, tmp_path / "x", progress=False)
+
+
+def test_eval_refuses_other_vocabularies_and_disjoint_tasks(seg_teacher, cache):
+    with pytest.raises(ConfigError, match="segmentation classes .* do not match"):
+        evaluate(seg_teacher, "novel", num=20, render_size=32, cache=str(cache), progress=False)
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        evaluate(seg_teacher, "depth", num=20, render_size=32, cache=str(cache), progress=False)
+
+
+def test_backbone_loads_local_torchvision_and_timm_state_dicts(tmp_path):
+    import torchvision
+
+    tv = tmp_path / "r18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), tv)
+    a = Backbone(BackboneConfig(depth=18, weights=str(tv)))
+    ref = torch.load(tv, weights_only=True)
+    assert torch.equal(a.body.layer3[1].conv2.weight, ref["layer3.1.conv2.weight"])
+    with pytest.raises(ConfigError, match=r"r18\.pt: weights do not fit.*depth"):
+        Backbone(BackboneConfig(depth=34, weights=str(tv)))
+    small = BackboneConfig(depth=10, widths=(8, 16, 32, 64), stem_width=8, fpn_channels=16)
+    ours = tmp_path / "ours.pt"
+    torch.save(
+        {"backbone.body." + k: v for k, v in Backbone(small).body.state_dict().items()}, ours
+    )
+    b = Backbone(small.model_copy(update={"weights": str(ours)}))
+    assert torch.equal(
+        b.body.conv1.weight, torch.load(ours, weights_only=True)["backbone.body.conv1.weight"]
+    )
