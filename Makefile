@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format bench clean-venv
+.PHONY: demo test format bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/must data render --style mixed --num 64 --size 96 --out runs/demo
+	$(BIN)/must data render --style mixed --tasks all --num 64 --size 96 --out runs/demo
 	$(BIN)/must data show runs/demo --out runs/demo/preview.png
 
 test: $(STAMP)
