@@ -13,6 +13,7 @@ from must.config import TrainConfig
 from must.errors import MustError
 from must.models.model import MultiTaskModel
 from must.tasks.base import Batch
+from must.train.weighting import FixedWeights, LossWeighting
 
 
 class NonFiniteLossError(MustError):
@@ -24,12 +25,12 @@ class MultiTaskModule(L.LightningModule):
         self,
         model: MultiTaskModel,
         train: TrainConfig,
-        loss_weights: dict[str, float] | None = None,
+        weighting: LossWeighting | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.train_cfg = train
-        self.loss_weights = {name: 1.0 for name in model.tasks} | dict(loss_weights or {})
+        self.weighting = weighting or FixedWeights({name: 1.0 for name in model.tasks})
         self.val_metrics = nn.ModuleDict({n: t.new_metric() for n, t in model.tasks.items()})
         self.test_metrics = nn.ModuleDict({n: t.new_metric() for n, t in model.tasks.items()})
         self.last_validation: dict[str, dict[str, float]] = {}
@@ -43,18 +44,28 @@ class MultiTaskModule(L.LightningModule):
                 f"({', '.join(self.model.tasks)}); first images: {', '.join(batch.keys[:3])}"
             )
         _, losses = self.model(batch.images, batch.targets)
-        total = batch.images.new_zeros(())
+        task_losses = {}
         for name, terms in losses.items():
             task_loss = sum(terms.values())
             if not torch.isfinite(task_loss):
                 raise NonFiniteLossError(
-                    f"loss of task {name!r} is {task_loss.detach().item()} at step {self.global_step} "
-                    f"(terms: { {k: round(float(v.detach()), 4) for k, v in terms.items()} }); "
+                    f"loss of task {name!r} is {task_loss.detach().item()} at step "
+                    f"{self.global_step} (terms: "
+                    f"{ {k: round(float(v.detach()), 4) for k, v in terms.items()} }); "
                     "training stopped, the last saved checkpoint is kept"
                 )
-            total = total + self.loss_weights[name] * task_loss
+            task_losses[name] = task_loss
             if name in batch.targets:
                 self.log(f"train/{name}/loss", task_loss.detach(), batch_size=len(batch.keys))
+        # Only tasks labelled in this batch are weighted (a learnt weighting must not see the
+        # zero losses of absent tasks); those zeros are still added so every head stays in
+        # the graph, as DDP requires.
+        present = {n: loss for n, loss in task_losses.items() if n in batch.targets}
+        total, weights = self.weighting(present)
+        total = total + sum(loss for n, loss in task_losses.items() if n not in present)
+        if len(self.model.tasks) > 1:
+            for name, w in weights.items():
+                self.log(f"train/{name}/weight", w, batch_size=len(batch.keys))
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=len(batch.keys))
         return total
 
@@ -105,7 +116,7 @@ class MultiTaskModule(L.LightningModule):
         cfg = self.train_cfg
         # No weight decay on norms and biases, as is standard for ResNets.
         decay, no_decay = [], []
-        for p in self.model.parameters():
+        for p in [*self.model.parameters(), *self.weighting.parameters()]:
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
         groups = [

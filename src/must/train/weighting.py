@@ -1,0 +1,148 @@
+"""How task losses are combined: small interchangeable modules, kept out of the model.
+
+Each takes the per-task losses of a step and returns the weighted total and the weights it
+used (for logging). ``must_weights`` computes MuST's linear-scaling weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from must.errors import ConfigError
+
+
+def must_weights(
+    student_batch_size: int,
+    student_lr: float,
+    teachers: Mapping[str, tuple[int, float]],
+    hand: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """MuST's rule ``w_i = (b_s * lr_i) / (b_i * lr_s)``: the student's gradient for task i
+    then matches the scale teacher i was trained with (the linear scaling rule). ``teachers``
+    maps task -> (teacher batch size, teacher learning rate); ``hand`` overrides tasks whose
+    weight is set by hand (MuST does so for depth)."""
+    hand = dict(hand or {})
+    weights = {}
+    for task, (batch_size, lr) in teachers.items():
+        if task in hand:
+            weights[task] = float(hand[task])
+            continue
+        if batch_size <= 0 or lr <= 0 or student_batch_size <= 0 or student_lr <= 0:
+            raise ConfigError(
+                f"MuST weight of {task}: batch sizes and learning rates must be positive "
+                f"(student {student_batch_size}, {student_lr}; teacher {batch_size}, {lr})"
+            )
+        weights[task] = (student_batch_size * lr) / (batch_size * student_lr)
+    for task in hand:
+        weights.setdefault(task, float(hand[task]))
+    check_weights(weights)
+    return weights
+
+
+def check_weights(weights: Mapping[str, float]) -> None:
+    bad = {t: w for t, w in weights.items() if not math.isfinite(w) or w <= 0}
+    if bad:
+        raise ConfigError(f"loss weights must be positive and finite; got {bad}")
+
+
+class LossWeighting(nn.Module):
+    """Base: ``forward(losses) -> (total, weights)``."""
+
+    def __init__(self, tasks: list[str]) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"kind": type(self).__name__}
+
+
+class FixedWeights(LossWeighting):
+    """Constant weights: MuST's rule, equal weights, or the user's own."""
+
+    def __init__(self, weights: Mapping[str, float]) -> None:
+        check_weights(weights)
+        super().__init__(list(weights))
+        self.weights = dict(weights)
+
+    def forward(self, losses):
+        total = sum(self.weights[t] * loss for t, loss in losses.items())
+        return total, {t: self.weights[t] for t in losses}
+
+    def describe(self) -> dict:
+        return {"kind": "fixed", "weights": self.weights}
+
+
+class UncertaintyWeighting(LossWeighting):
+    """Kendall, Gal & Cipolla (2018): learn one log-variance s_i per task and minimise
+    ``sum_i exp(-s_i) * L_i + s_i``; noisier tasks get smaller weights ``exp(-s_i)``."""
+
+    def __init__(self, tasks: list[str]) -> None:
+        super().__init__(tasks)
+        self.log_vars = nn.Parameter(torch.zeros(len(tasks)))
+
+    def forward(self, losses):
+        total = self.log_vars.new_zeros(())
+        weights = {}
+        for i, task in enumerate(self.tasks):
+            if task in losses:
+                precision = torch.exp(-self.log_vars[i])
+                total = total + precision * losses[task] + self.log_vars[i]
+                weights[task] = float(precision.detach())
+        return total, weights
+
+    def describe(self) -> dict:
+        return {"kind": "uncertainty", "log_vars": self.log_vars.detach().tolist()}
+
+
+class DynamicWeightAverage(LossWeighting):
+    """Liu, Johns & Davison (2019): ``w_i = K exp(r_i / T) / sum_j exp(r_j / T)`` with
+    ``r_i = L_i(t-1) / L_i(t-2)``, a task's loss ratio between the two previous windows of
+    ``window`` steps (the paper uses epochs); equal weights until two windows are seen."""
+
+    def __init__(self, tasks: list[str], temperature: float = 2.0, window: int = 50) -> None:
+        super().__init__(tasks)
+        if temperature <= 0 or window < 1:
+            raise ConfigError("dwa: temperature must be positive and window at least 1")
+        self.temperature = temperature
+        self.window = window
+        k = len(tasks)
+        self.register_buffer("sums", torch.zeros(k))
+        self.register_buffer("counts", torch.zeros(k))
+        self.register_buffer("history", torch.full((2, k), float("nan")))  # t-2, t-1
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def current_weights(self) -> torch.Tensor:
+        older, newer = self.history
+        k = len(self.tasks)
+        if torch.isnan(older).any() or torch.isnan(newer).any():
+            return torch.ones(k, device=older.device)
+        ratios = newer / older.clamp_min(1e-12)
+        return k * torch.softmax(ratios / self.temperature, dim=0)
+
+    def forward(self, losses):
+        w = self.current_weights()
+        total = sum(w[self.tasks.index(t)] * loss for t, loss in losses.items())
+        if self.training:
+            for t, loss in losses.items():
+                i = self.tasks.index(t)
+                self.sums[i] += float(loss.detach())
+                self.counts[i] += 1
+            self.steps += 1
+            if int(self.steps) % self.window == 0:
+                mean = torch.where(
+                    self.counts > 0, self.sums / self.counts.clamp_min(1), self.history[1]
+                )
+                self.history = torch.stack([self.history[1], mean])
+                self.sums.zero_()
+                self.counts.zero_()
+        return total, {t: float(w[self.tasks.index(t)]) for t in losses}
+
+    def describe(self) -> dict:
+        return {"kind": "dwa", "temperature": self.temperature, "window": self.window}
