@@ -29,6 +29,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_throughput.py --out benchmarks/results
 	$(BIN)/python benchmarks/teachers.py --out benchmarks/results
+	$(BIN)/python benchmarks/labeling.py --out benchmarks/results
 
 clean-venv:
 	rm -rf $(VENV)

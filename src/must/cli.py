@@ -115,6 +115,149 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_label_run(args: argparse.Namespace) -> int:
+    from must.label import LabelSettings, label_images
+
+    settings = LabelSettings(
+        det_threshold=args.det_threshold,
+        seg_threshold=args.seg_threshold,
+        temperature=args.temperature,
+        label_scale=args.label_scale,
+    )
+    result = label_images(
+        args.teacher,
+        args.images,
+        args.out,
+        settings=settings,
+        split=args.split,
+        keep_real=args.keep_real,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        rank=args.rank,
+        world_size=args.world_size,
+        overwrite=args.overwrite,
+        device=args.device,
+        cache=args.cache,
+        num=args.num,
+        render_size=args.render_size,
+        render_seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(result.summary())
+    return 0
+
+
+def _cmd_label_show(args: argparse.Namespace) -> int:
+    from must.label_inspect import show_store
+
+    path = show_store(args.store, args.out, num=args.num, image_root=args.image_root)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_label_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from must.label_inspect import format_stats, store_stats
+
+    stats = store_stats(args.store)
+    print(format_stats(stats))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(stats, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+LABEL_ACTIONS = ("run", "show", "stats")
+
+
+def _add_label_parser(verbs: argparse._SubParsersAction) -> None:
+    label = verbs.add_parser(
+        "label",
+        help="pseudo-label images with teachers into a store; show or summarise a store",
+        description="must label --teacher CKPT [--teacher CKPT ...] --images SOURCE --out STORE "
+        "writes a pseudo-label store ('run' is implied); 'must label show STORE' draws it; "
+        "'must label stats STORE' summarises it. See docs/labeling.md.",
+    )
+    actions = label.add_subparsers(dest="label_action", required=True, metavar="ACTION")
+
+    run = actions.add_parser(
+        "run",
+        help="label images with teachers into a store (the default action)",
+        description="Run every teacher over the images and write a pseudo-label store. "
+        "Re-running the same command resumes; several processes (--rank/--world-size, or "
+        "torchrun's RANK/WORLD_SIZE) split the shards between them.",
+    )
+    run.add_argument(
+        "--teacher",
+        action="append",
+        required=True,
+        metavar="CKPT",
+        help="teacher checkpoint directory or model.pt (repeat for each teacher)",
+    )
+    run.add_argument(
+        "--images",
+        required=True,
+        metavar="SOURCE",
+        help="a folder of images (ImageFolder included), a dataset folder (manifest.json or "
+        "dataset.yaml), or a scene-world style name (rendered into --cache)",
+    )
+    run.add_argument("--out", required=True, metavar="STORE", help="store folder to write")
+    run.add_argument("--split", default="train", help="split of a dataset folder (default train)")
+    run.add_argument("--det-threshold", type=float, default=0.5, help="keep boxes with score >= it")
+    run.add_argument(
+        "--seg-threshold",
+        type=float,
+        default=0.5,
+        help="ignore (255) pixels whose top class probability is below it",
+    )
+    run.add_argument(
+        "--temperature", type=float, default=1.0, help="classification: softmax(logits / T)"
+    )
+    run.add_argument(
+        "--label-scale",
+        type=float,
+        default=1.0,
+        help="pixel labels at this fraction of the image's own size (default 1)",
+    )
+    run.add_argument(
+        "--keep-real",
+        action="store_true",
+        help="keep the real labels a dataset folder has (origin 'real') instead of pseudo labels",
+    )
+    run.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
+    run.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    run.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2)")
+    run.add_argument("--rank", type=int, default=None, help="this process (default $RANK or 0)")
+    run.add_argument(
+        "--world-size", type=int, default=None, help="processes (default $WORLD_SIZE or 1)"
+    )
+    run.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK if any, else cpu")
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace a store made with another config"
+    )
+    run.add_argument("--cache", default="runs/data", help="where a style is rendered")
+    run.add_argument("--num", type=int, default=2000, help="images to render for a style")
+    run.add_argument("--render-size", type=int, default=64, help="render size for a style")
+    run.add_argument("--seed", type=int, default=0, help="render seed for a style")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=_cmd_label_run)
+
+    show = actions.add_parser("show", help="draw images of a store with their labels (PNG)")
+    show.add_argument("store", help="store folder")
+    show.add_argument("--num", type=int, default=8, help="images to draw (default 8)")
+    show.add_argument("--out", default=None, help="PNG path (default STORE/preview.png)")
+    show.add_argument("--image-root", default=None, help="where the images are, if they moved")
+    show.set_defaults(func=_cmd_label_show)
+
+    stats = actions.add_parser("stats", help="print per-task statistics of a store")
+    stats.add_argument("store", help="store folder")
+    stats.add_argument("--json", default=None, help="also write the statistics to this file")
+    stats.set_defaults(func=_cmd_label_stats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="must", description="Multi-task self-training (MuST) for computer vision."
@@ -195,11 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache", default="runs/data", help="where styles are rendered")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_cmd_eval)
+
+    _add_label_parser(verbs)
     return parser
+
+
+def _label_default_action(argv: list[str]) -> list[str]:
+    """``must label --teacher ...`` means ``must label run --teacher ...``."""
+    if argv[:1] == ["label"] and len(argv) > 1 and argv[1] not in (*LABEL_ACTIONS, "-h", "--help"):
+        return ["label", "run", *argv[1:]]
+    return argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = _label_default_action(list(sys.argv[1:] if argv is None else argv))
     # KEY=VALUE overrides may come after options (argparse would only take them before).
     args, extra = parser.parse_known_args(argv)
     if extra:

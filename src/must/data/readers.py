@@ -747,6 +747,11 @@ class MultiTaskDataset(Dataset):
     def keys(self) -> list[str]:
         return [e.key for e in self._entries]
 
+    @property
+    def image_paths(self) -> list[Path]:
+        """The image file of each sample, in the order of ``keys``."""
+        return [e.image for e in self._entries]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         raw = self._read(self._entries[index])
         height, width = raw["image"].shape[:2]

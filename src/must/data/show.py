@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
 from must.data.readers import MultiTaskDataset
@@ -89,6 +89,15 @@ def sample_panels(
     else:
         panels.append(blank)
     return [p[:, :height, :width] for p in panels]
+
+
+def text_panel(lines: list[str], height: int, width: int) -> torch.Tensor:
+    """A (3, height, width) uint8 panel with ``lines`` of text, white on black."""
+    canvas = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((4, 4 + 13 * i), line, fill=(255, 255, 255))
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1)
 
 
 def show_dataset(root: str | Path, out: str | Path, split: str = "train", num: int = 8) -> Path:

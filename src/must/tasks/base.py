@@ -3,15 +3,19 @@ in ``must.tasks.TASK_TYPES``.
 
 A task owns: the sample keys holding its labels, its vocabulary, its head (built on the shared
 backbone), batching its labels (images without a label are marked absent), its loss (over
-the images that have a label only), its predictions and its metric.
+the images that have a label only), its predictions and its metric, and the conversion of its
+labels to and from the pseudo-label store (``to_store`` / ``label_to_store`` / ``from_store``).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
@@ -106,3 +110,43 @@ class Task(ABC):
 
     def describe(self) -> dict:
         return {"name": self.name, "classes": self.classes, "config": self.config.model_dump()}
+
+    # -- the pseudo-label store (``must label``, ``must.store.StoreDataset``; docs/store.md).
+    # ``image_size`` is the image's own (H, W); ``input_size`` the (h, w) the teacher was fed;
+    # pixel labels are stored at ``label_size(image_size, settings["label_scale"])``.
+
+    def to_store(
+        self,
+        prediction: Any,
+        image_size: tuple[int, int],
+        input_size: tuple[int, int],
+        settings: Mapping[str, Any],
+    ) -> dict[str, np.ndarray]:
+        """One image's teacher prediction (this task's part of ``model(images)`` in eval mode,
+        at ``input_size``) -> the store's fields for it, in the stored dtypes."""
+        raise NotImplementedError(self._no_store())
+
+    def label_to_store(
+        self, sample: Mapping[str, Any], label_size: tuple[int, int]
+    ) -> dict[str, np.ndarray] | None:
+        """A real label (sample-dict entries, as the readers give them, ids in this task's
+        vocabulary) -> the store's fields; None when the sample has no label for this task."""
+        raise NotImplementedError(self._no_store())
+
+    def from_store(
+        self, fields: Mapping[str, np.ndarray], image_size: tuple[int, int]
+    ) -> dict[str, Any]:
+        """Stored fields -> the sample-dict entries training reads, at the image's own size."""
+        raise NotImplementedError(self._no_store())
+
+    def _no_store(self) -> str:
+        return (
+            f"task {self.name!r} has no encoding in the pseudo-label store (must-store/1 "
+            "stores classification, detection, segmentation and depth)"
+        )
+
+
+def label_size(image_size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """Size (h, w) of a pixel label stored at ``scale`` times an image of ``image_size``:
+    each side rounded half up, at least 1."""
+    return tuple(max(1, math.floor(s * scale + 0.5)) for s in image_size)  # type: ignore[return-value]

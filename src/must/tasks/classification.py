@@ -8,8 +8,10 @@ are present. Target (from :meth:`ClassificationTask.collate`): ``{"probs": (B, K
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -117,3 +119,35 @@ class ClassificationTask(Task):
 
     def new_metric(self) -> Metric:
         return ClassificationMetric(self.num_classes)
+
+    # -- the pseudo-label store: soft probabilities ``cls_probs`` float16 (K,)
+
+    def to_store(
+        self,
+        prediction: Any,
+        image_size: tuple[int, int],
+        input_size: tuple[int, int],
+        settings: Mapping[str, Any],
+    ) -> dict[str, np.ndarray]:
+        """Logits (K,) -> ``softmax(logits / temperature)`` (``settings["temperature"]``)."""
+        logits = torch.as_tensor(prediction).float().reshape(-1)
+        probs = torch.softmax(logits / float(settings.get("temperature", 1.0)), 0)
+        return {"cls_probs": probs.numpy().astype(np.float16)}
+
+    def label_to_store(
+        self, sample: Mapping[str, Any], label_size: tuple[int, int]
+    ) -> dict[str, np.ndarray] | None:
+        """A hard class id -> one-hot probabilities (a soft label is stored as it is)."""
+        if SOFT_KEY in sample:
+            p = torch.as_tensor(sample[SOFT_KEY]).float().reshape(-1).numpy()
+            return {"cls_probs": p.astype(np.float16)}
+        if "classification" not in sample:
+            return None
+        probs = np.zeros(self.num_classes, np.float16)
+        probs[int(sample["classification"])] = 1
+        return {"cls_probs": probs}
+
+    def from_store(
+        self, fields: Mapping[str, np.ndarray], image_size: tuple[int, int]
+    ) -> dict[str, Any]:
+        return {SOFT_KEY: torch.from_numpy(fields["cls_probs"].astype(np.float32))}

@@ -15,14 +15,25 @@ the metric see is the clamped one.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torchmetrics import Metric
 
-from must.tasks.base import TaskHead
-from must.tasks.pixel import PixelHead, PixelTask, PixelTaskConfig, collate_dense, target_field
+from must.data.transforms import Depth
+from must.tasks.base import TaskHead, label_size
+from must.tasks.pixel import (
+    PixelHead,
+    PixelTask,
+    PixelTaskConfig,
+    collate_dense,
+    resize_nearest,
+    resize_to,
+    target_field,
+)
 
 
 class DepthConfig(PixelTaskConfig):
@@ -158,3 +169,34 @@ class DepthTask(PixelTask):
 
     def new_metric(self) -> Metric:
         return DepthMetric()
+
+    # -- the pseudo-label store: ``depth`` float16 (h, w) metres, 0 = invalid
+
+    def to_store(
+        self,
+        prediction: Any,
+        image_size: tuple[int, int],
+        input_size: tuple[int, int],
+        settings: Mapping[str, Any],
+    ) -> dict[str, np.ndarray]:
+        """Depth (1, h, w) metres -> bilinearly resized to the label size."""
+        size = label_size(image_size, float(settings.get("label_scale", 1.0)))
+        depth = torch.as_tensor(prediction).float()
+        depth = resize_to(depth.reshape(1, 1, *depth.shape[-2:]), size)[0, 0]
+        return {"depth": depth.clamp(min=0).numpy().astype(np.float16)}
+
+    def label_to_store(
+        self, sample: Mapping[str, Any], label_size: tuple[int, int]
+    ) -> dict[str, np.ndarray] | None:
+        """Real depth as it is, nearest-resized to the label size (0 stays invalid)."""
+        if "depth" not in sample:
+            return None
+        depth = torch.as_tensor(sample["depth"]).as_subclass(torch.Tensor).float()
+        depth = resize_nearest(depth.reshape(depth.shape[-2:]), label_size)
+        return {"depth": depth.numpy().astype(np.float16)}
+
+    def from_store(
+        self, fields: Mapping[str, np.ndarray], image_size: tuple[int, int]
+    ) -> dict[str, Any]:
+        depth = torch.from_numpy(fields["depth"].astype(np.float32))
+        return {"depth": Depth(resize_nearest(depth, image_size)[None])}

@@ -17,7 +17,7 @@ image, ``{"boxes": (n, 4) float32, "labels": (n,) int64 (0-based), "scores": (n,
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -381,6 +381,55 @@ class DetectionTask(Task):
 
     def new_metric(self) -> DetectionMetric:
         return DetectionMetric()
+
+    # -- the pseudo-label store: ``det_boxes`` float32 (n, 4) XYXY in pixels of the image at
+    # its own size, ``det_classes`` int16 (n,), ``det_scores`` float16 (n,)
+
+    def to_store(
+        self,
+        prediction: Any,
+        image_size: tuple[int, int],
+        input_size: tuple[int, int],
+        settings: Mapping[str, Any],
+    ) -> dict[str, np.ndarray]:
+        """Boxes whose score is at least ``settings["det_threshold"]``, scaled from the
+        teacher's input size to the image's own size (and clipped to it)."""
+        scores = torch.as_tensor(prediction["scores"]).float().reshape(-1)
+        keep = scores >= float(settings.get("det_threshold", 0.5))
+        boxes = torch.as_tensor(prediction["boxes"]).float().reshape(-1, 4)[keep]
+        (h, w), (ih, iw) = image_size, input_size
+        boxes = boxes * torch.tensor([w / iw, h / ih, w / iw, h / ih])
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        labels = torch.as_tensor(prediction["labels"]).reshape(-1)[keep]
+        return {
+            "det_boxes": boxes.numpy().astype(np.float32),
+            "det_classes": labels.numpy().astype(np.int16),
+            "det_scores": scores[keep].numpy().astype(np.float16),
+        }
+
+    def label_to_store(
+        self, sample: Mapping[str, Any], label_size: tuple[int, int]
+    ) -> dict[str, np.ndarray] | None:
+        """Real boxes are kept as they are, with score 1."""
+        if not self.has_label(sample):
+            return None
+        boxes = _xyxy(sample["boxes"]).numpy()
+        labels = torch.as_tensor(sample["box_labels"]).as_subclass(torch.Tensor).reshape(-1)
+        return {
+            "det_boxes": boxes.astype(np.float32),
+            "det_classes": labels.numpy().astype(np.int16),
+            "det_scores": np.ones(len(boxes), np.float16),
+        }
+
+    def from_store(
+        self, fields: Mapping[str, np.ndarray], image_size: tuple[int, int]
+    ) -> dict[str, Any]:
+        boxes = torch.from_numpy(fields["det_boxes"].astype(np.float32)).reshape(-1, 4)
+        return {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image_size)),
+            "box_labels": torch.from_numpy(fields["det_classes"].astype(np.int64)),
+        }
 
 
 def _xyxy(value: Any) -> torch.Tensor:

@@ -63,6 +63,16 @@ def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def resize_nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of a (C, h, w) or (h, w) label to ``size``, keeping its dtype
+    (class ids and the invalid 0 of depth never blend); a no-op when already there."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    flat = x.reshape(1, -1, *x.shape[-2:]).float()
+    out = F.interpolate(flat, size=size, mode="nearest-exact")
+    return out.reshape(*x.shape[:-2], *size).to(x.dtype)
+
+
 class PixelHead(TaskHead):
     """Base of the pixel heads: :meth:`raw` gives the tower's output at the image size, in
     float32 (losses and activations stay in full precision under autocast)."""

@@ -7,14 +7,27 @@ a label) are never learned nor scored. Predictions: logits (B, K, H, W).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
+from torchvision import tv_tensors
 
-from must.tasks.base import TaskHead
-from must.tasks.pixel import PixelHead, PixelTask, PixelTaskConfig, collate_dense, target_field
+from must.tasks.base import TaskHead, label_size
+from must.tasks.pixel import (
+    PixelHead,
+    PixelTask,
+    PixelTaskConfig,
+    collate_dense,
+    resize_nearest,
+    resize_to,
+    target_field,
+)
+
+STORE_IGNORE = 255  # the store's ignore value (docs/store.md)
 
 
 class SegmentationConfig(PixelTaskConfig):
@@ -121,3 +134,37 @@ class SegmentationTask(PixelTask):
 
     def new_metric(self) -> Metric:
         return SegmentationMetric(self.num_classes, self.config.ignore_index)
+
+    # -- the pseudo-label store: ``seg_map`` uint8 (h, w), 255 = ignored
+
+    def to_store(
+        self,
+        prediction: Any,
+        image_size: tuple[int, int],
+        input_size: tuple[int, int],
+        settings: Mapping[str, Any],
+    ) -> dict[str, np.ndarray]:
+        """Logits (K, h, w) -> bilinearly resized to the label size, then the argmax class,
+        255 where the top softmax probability is below ``settings["seg_threshold"]``."""
+        size = label_size(image_size, float(settings.get("label_scale", 1.0)))
+        logits = resize_to(torch.as_tensor(prediction).float()[None], size)[0]
+        conf, classes = torch.softmax(logits, 0).max(0)
+        classes[conf < float(settings.get("seg_threshold", 0.5))] = STORE_IGNORE
+        return {"seg_map": classes.to(torch.uint8).numpy()}
+
+    def label_to_store(
+        self, sample: Mapping[str, Any], label_size: tuple[int, int]
+    ) -> dict[str, np.ndarray] | None:
+        """A real class map (ignore = 255) as it is, nearest-resized to the label size."""
+        if "segmentation" not in sample:
+            return None
+        seg = torch.as_tensor(sample["segmentation"]).as_subclass(torch.Tensor)
+        seg = resize_nearest(seg.reshape(seg.shape[-2:]), label_size)
+        return {"seg_map": seg.numpy().astype(np.uint8)}
+
+    def from_store(
+        self, fields: Mapping[str, np.ndarray], image_size: tuple[int, int]
+    ) -> dict[str, Any]:
+        seg = torch.from_numpy(fields["seg_map"].astype(np.int64))
+        seg[seg == STORE_IGNORE] = self.config.ignore_index  # this task's ignore value
+        return {"segmentation": tv_tensors.Mask(resize_nearest(seg, image_size))}
