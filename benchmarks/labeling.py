@@ -261,7 +261,11 @@ def main() -> None:
         "",
         f"Machine: {m['cpus']} CPUs ({m['threads']} torch threads), Python {m['python']}, torch "
         f"{m['torch']}, GPU: {m['cuda'] or 'none'}. Command: `python benchmarks/labeling.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in results["settings"].items() if v)
+        + " ".join(
+            " ".join(f"--{k.replace('_', '-')} {x}" for x in (v if isinstance(v, list) else [v]))
+            for k, v in results["settings"].items()
+            if v
+        )
         + "`.",
         f"{args.num} images of the mixed style at {args.size} px; four teachers (one per task, "
         "CPU preset architectures)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -167,6 +168,34 @@ def _cmd_label_stats(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(stats, f, indent=2)
             f.write("\n")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from must.config import StudentConfig, load_config
+    from must.evaluate import format_table
+    from must.student import train_student
+
+    overrides = list(args.overrides)
+    if args.store:
+        overrides.append(f"data.stores={json.dumps(args.store)}")
+    if args.init:
+        overrides.append(f"init={json.dumps(args.init)}")
+    cfg = load_config(StudentConfig, args.config, overrides)
+    summary = train_student(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    info = summary["info"]
+    print(f"student with tasks {', '.join(summary['tasks'])} written to {args.out}")
+    print(f"loss weighting: {info['loss_weighting']}")
+    print("test (each teacher's own test split):")
+    print(format_table(info["test"]))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from must.student import export_backbone
+
+    path = export_backbone(args.checkpoint, args.out, with_fpn=args.with_fpn)
+    print(f"wrote {path}")
     return 0
 
 
@@ -340,6 +369,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_eval)
 
     _add_label_parser(verbs)
+
+    train = verbs.add_parser(
+        "train",
+        help="train the multi-task student on pseudo-labelled stores",
+        description="Train the MuST student. CONFIG is a YAML file or a preset name "
+        "(train_student_cpu); KEY=VALUE arguments override any key. Re-running resumes.",
+    )
+    train.add_argument("config", help="config YAML file or preset name")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    train.add_argument(
+        "--store", action="append", default=[], help="a store from must label (repeatable)"
+    )
+    train.add_argument("--init", default=None, help="starting checkpoint or ResNet state dict")
+    train.add_argument("--out", required=True, help="checkpoint directory to write")
+    train.add_argument("--overwrite", action="store_true", help="replace a run of another config")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=_cmd_train)
+
+    export = verbs.add_parser(
+        "export", help="write a checkpoint's backbone as a plain safetensors state dict"
+    )
+    export.add_argument("checkpoint", help="checkpoint directory (or its model.pt)")
+    export.add_argument("--out", required=True, help="output .safetensors file")
+    export.add_argument("--with-fpn", action="store_true", help="include the FPN (prefix fpn.)")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 

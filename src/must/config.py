@@ -85,6 +85,39 @@ class TeachConfig(_Strict):
     train: TrainConfig = TrainConfig()
 
 
+class StudentDataConfig(_Strict):
+    # Pseudo-labelled stores written by ``must label``: the unlabeled pool, and optionally the
+    # teachers' own datasets labelled with ``--keep-real`` (real labels kept, pseudo elsewhere).
+    stores: list[str] = []
+    # Per-store sampling weights; None: every image equally likely (concatenate and shuffle).
+    store_weights: list[float] | None = None
+    image_size: int = Field(64, ge=16)
+    augment: AugmentConfig = AugmentConfig()
+    num_workers: int = Field(0, ge=0)
+
+
+class LossConfig(_Strict):
+    # must: w_i = (b_s * lr_i) / (b_i * lr_s) from the teachers' batch sizes and learning
+    # rates, with ``hand`` weights for the tasks MuST sets by hand (depth).
+    kind: Literal["must", "equal", "fixed", "uncertainty", "dwa"] = "must"
+    hand: dict[TaskName, float] = {"depth": 1.0}
+    weights: dict[TaskName, float] = {}  # kind: fixed
+    dwa_temperature: float = Field(2.0, gt=0)
+    dwa_window: int = Field(50, ge=1)
+
+
+class StudentConfig(_Strict):
+    """``must train``: the multi-task student on pseudo-labelled stores."""
+
+    data: StudentDataConfig = StudentDataConfig()
+    model: ModelConfig = ModelConfig()
+    # Starting point: a must checkpoint (backbone and the heads of matching tasks), or a
+    # torchvision/timm ResNet state dict (backbone only). None: random weights.
+    init: str | None = None
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+
+
 C = TypeVar("C", bound=BaseModel)
 
 

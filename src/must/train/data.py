@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from must.config import DataConfig
 from must.data.readers import MultiTaskDataset
@@ -73,7 +73,7 @@ def make_dataset(root: Path, split: str, cfg: DataConfig, train: bool) -> MultiT
 
 
 def make_loader(
-    dataset: MultiTaskDataset,
+    dataset: Dataset,
     tasks: dict[str, Task],
     batch_size: int,
     num_workers: int,

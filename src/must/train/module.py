@@ -99,13 +99,14 @@ class MultiTaskModule(L.LightningModule):
                 scores.append(value if task.higher_is_better else -value)
         return float(sum(scores) / len(scores)) if scores else -math.inf
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+    # Several loaders (the student's per-teacher splits) each update the tasks they label.
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._update(self.val_metrics, batch)
 
     def on_validation_epoch_end(self) -> None:
         self.last_validation = self._compute(self.val_metrics, "val")
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._update(self.test_metrics, batch)
 
     def on_test_epoch_end(self) -> None:

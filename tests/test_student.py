@@ -1,0 +1,123 @@
+"""`must train` / `must export`: the student on pseudo-labelled stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from must.checkpoint import load_model
+from must.cli import main
+from must.config import StudentConfig, TeachConfig, load_config
+from must.errors import ConfigError
+from must.label import label_images
+from must.student import initialise, train_student
+from must.teach import teach
+
+TINY_MODEL = [
+    "model.backbone.depth=10",
+    "model.backbone.widths=[8,16,32,64]",
+    "model.backbone.stem_width=8",
+    "model.backbone.fpn_channels=16",
+]
+TINY_TRAIN = ["train.warmup_steps=1", "train.max_steps=2", "train.val_every=2"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Three tiny teachers (different batch sizes and learning rates) and a labelled pool."""
+    root = tmp_path_factory.mktemp("student")
+    cache = root / "data"
+    data = ["data.num=20", "data.render_size=32", "data.image_size=32", f"data.cache={cache}"]
+    teachers = {}
+    for task, bs, lr in (("classification", 4, 0.1), ("segmentation", 2, 0.05), ("depth", 4, 0.02)):
+        cfg = load_config(
+            TeachConfig,
+            f"teach_{task}_cpu",
+            [*TINY_MODEL, *TINY_TRAIN, *data, f"train.batch_size={bs}", f"train.lr={lr}"],
+        )
+        teach(cfg, root / task, progress=False)
+        teachers[task] = root / task
+    store = root / "store"
+    label_images(
+        [str(p) for p in teachers.values()], "mixed", store, cache=cache, num=12,
+        render_size=32, shard_size=8, batch_size=4, workers=0, progress=False,
+    )  # fmt: skip
+    return root, teachers, store
+
+
+def student_cfg(store: Path, *extra: str) -> StudentConfig:
+    return load_config(
+        StudentConfig,
+        "train_student_cpu",
+        [*TINY_MODEL, *TINY_TRAIN, "train.batch_size=4", "train.lr=0.04",
+         "data.image_size=32", f"data.stores=[{store}]", *extra],
+    )  # fmt: skip
+
+
+def test_student_trains_on_the_store_with_musts_weights_and_is_tested_per_teacher(world):
+    root, teachers, store = world
+    summary = train_student(student_cfg(store), root / "student", progress=False)
+    info = summary["info"]
+    assert set(summary["tasks"]) == {"classification", "segmentation", "depth"}
+    # w_i = (b_s * lr_i) / (b_i * lr_s) with b_s = 4, lr_s = 0.04; depth set by hand (1.0).
+    assert info["loss_weighting"]["weights"] == pytest.approx(
+        {
+            "classification": 4 * 0.1 / (4 * 0.04),
+            "segmentation": 4 * 0.05 / (2 * 0.04),
+            "depth": 1.0,
+        }
+    )
+    # Every task is tested on its teacher's own test split.
+    assert set(info["test"]) == {"classification", "segmentation", "depth"}
+    for task, path in teachers.items():
+        teacher = load_model(path)[1]["info"]["training"][task]["dataset"]
+        assert info["evaluated_on"][task] == teacher
+    # The student can be the next round's teacher: one scale for every task.
+    assert {v["batch_size"] for v in info["training"].values()} == {4}
+
+
+def test_export_writes_the_backbone_under_resnet_key_names(world, tmp_path):
+    _root, teachers, _ = world
+    out = tmp_path / "backbone.safetensors"
+    assert main(["export", str(teachers["depth"]), "--out", str(out)]) == 0
+    state = load_file(str(out))
+    model, _ = load_model(teachers["depth"])
+    body = model.backbone.body.state_dict()
+    assert set(state) == set(body) and "layer4.0.conv1.weight" in state
+    assert all(torch.equal(state[k], body[k]) for k in body)
+
+
+def test_initialising_from_a_checkpoint_copies_its_backbone_and_matching_heads(world):
+    _root, teachers, _store = world
+    from must.models.model import MultiTaskModel
+    from must.tasks import build_task
+
+    teacher, payload = load_model(teachers["segmentation"])
+    classes = payload["tasks"]["segmentation"]["classes"]
+    model = MultiTaskModel(
+        teacher.backbone.config,
+        {"segmentation": build_task("segmentation", classes), "depth": build_task("depth", None)},
+    )
+    report = initialise(model, str(teachers["segmentation"]))
+    assert report["heads"] == ["segmentation"]
+    mine, theirs = model.state_dict(), teacher.state_dict()
+    assert all(
+        torch.equal(mine[k], theirs[k]) for k in theirs if k.startswith(("backbone.", "heads."))
+    )
+
+
+def test_bad_student_inputs_are_refused_before_training(world, tmp_path):
+    _root, _teachers, store = world
+    with pytest.raises(ConfigError, match="at least one store"):
+        train_student(student_cfg(store, "data.stores=[]"), tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="positive and finite"):
+        train_student(student_cfg(store, "loss.hand={depth: 0.0}"), tmp_path / "b", progress=False)
+    with pytest.raises(ConfigError, match=r"loss\.weights: no weight"):
+        train_student(
+            student_cfg(store, "loss.kind=fixed", "loss.weights={depth: 1.0}"),
+            tmp_path / "c",
+            progress=False,
+        )
