@@ -121,3 +121,19 @@ def test_bad_student_inputs_are_refused_before_training(world, tmp_path):
             tmp_path / "c",
             progress=False,
         )
+
+
+def test_store_weights_set_each_stores_share_of_draws_whatever_its_size():
+    from must.student import store_sampler
+
+    sizes, weights = [100, 900, 50], [1.0, 1.0, 2.0]
+    draws = []
+    for seed in range(40):
+        draws += list(store_sampler(sizes, weights, seed))
+    store_of = torch.bucketize(torch.tensor(draws), torch.tensor([100, 1000]), right=True)
+    shares = torch.bincount(store_of, minlength=3).double() / len(draws)
+    # 1050 draws x 40 epochs: the shares are 1/4, 1/4, 1/2 within a few standard errors.
+    assert shares.tolist() == pytest.approx([0.25, 0.25, 0.5], abs=0.01)
+    with pytest.raises(ConfigError, match="one positive weight per store"):
+        store_sampler(sizes, [1.0, 0.0, 1.0])
+

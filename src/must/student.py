@@ -122,6 +122,19 @@ def make_weighting(
     return w, w.describe()
 
 
+def store_sampler(sizes: list[int], weights: list[float], seed: int = 0) -> WeightedRandomSampler:
+    """Draw store ``i`` with probability ``weights[i] / sum(weights)`` whatever its size
+    (images within a store uniformly); one epoch is as many draws as there are images."""
+    if len(weights) != len(sizes) or min(weights) <= 0:
+        raise ConfigError(
+            f"data.store_weights: one positive weight per store ({len(sizes)} stores), "
+            f"got {weights}"
+        )
+    per_image = torch.cat([torch.full((n,), w / n) for n, w in zip(sizes, weights, strict=True)])
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(per_image, num_samples=len(per_image), generator=generator)
+
+
 def initialise(model: MultiTaskModel, path: str) -> dict[str, Any]:
     """Start from a must checkpoint (backbone + heads of tasks with the same name and shapes)
     or from a torchvision/timm ResNet state dict (backbone body only)."""
@@ -174,25 +187,20 @@ def train_student(
 
     tc = cfg.train
     joined = ConcatDataset(stores)
+    sampler = None
     if cfg.data.store_weights is not None:
-        if len(cfg.data.store_weights) != len(stores) or min(cfg.data.store_weights) <= 0:
-            raise ConfigError("data.store_weights: one positive weight per store")
-        # Each store gets its share of draws whatever its size.
-        per_image = torch.cat(
-            [
-                torch.full((len(s),), w / len(s))
-                for s, w in zip(stores, cfg.data.store_weights, strict=True)
-            ]
-        )
-        sampler = WeightedRandomSampler(per_image, num_samples=len(joined), replacement=True)
-        train_loader = DataLoader(
-            joined, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
-            num_workers=cfg.data.num_workers, collate_fn=Collator(tasks),
-        )  # fmt: skip
-    else:
-        train_loader = make_loader(
-            joined, tasks, tc.batch_size, cfg.data.num_workers, True, tc.seed
-        )
+        sampler = store_sampler([len(s) for s in stores], cfg.data.store_weights, tc.seed)
+    train_loader = DataLoader(
+        joined,
+        batch_size=tc.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(joined) >= tc.batch_size,
+        num_workers=cfg.data.num_workers,
+        collate_fn=Collator(tasks),
+        persistent_workers=cfg.data.num_workers > 0,
+        generator=torch.Generator().manual_seed(tc.seed),
+    )
 
     # Checkpoints are selected on, and finally tested on, each teacher's own val/test splits.
     val_loaders, test_loaders, eval_sets = [], [], {}
