@@ -136,4 +136,3 @@ def test_store_weights_set_each_stores_share_of_draws_whatever_its_size():
     assert shares.tolist() == pytest.approx([0.25, 0.25, 0.5], abs=0.01)
     with pytest.raises(ConfigError, match="one positive weight per store"):
         store_sampler(sizes, [1.0, 0.0, 1.0])
-
