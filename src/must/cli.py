@@ -10,6 +10,12 @@ from collections.abc import Sequence
 from must.errors import MustError
 
 
+def _write_json(path: str, obj: object) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
 def _parse_splits(text: str) -> list[float]:
     try:
         parts = [float(x) for x in text.split(",")]
@@ -93,8 +99,6 @@ def _cmd_teach(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
     from must.evaluate import evaluate, format_table
 
     results = evaluate(
@@ -110,9 +114,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     print(format_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
+        _write_json(args.json, results)
     return 0
 
 
@@ -158,16 +160,12 @@ def _cmd_label_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_label_stats(args: argparse.Namespace) -> int:
-    import json
-
     from must.label_inspect import format_stats, store_stats
 
     stats = store_stats(args.store)
     print(format_stats(stats))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(stats, f, indent=2)
-            f.write("\n")
+        _write_json(args.json, stats)
     return 0
 
 

@@ -9,6 +9,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from must.data.styles import deep_merge
 from must.errors import ConfigError, describe_validation_error
 from must.models.backbone import BackboneConfig
 
@@ -142,13 +143,6 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_config(kind: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
     """Load a YAML config (a file, or a preset name from ``configs/``), apply overrides and
     validate; a bad or unknown key is reported by its dotted name."""
@@ -164,7 +158,7 @@ def load_config(kind: type[C], path: str | Path | None, overrides: list[str] | N
         if not isinstance(loaded, dict):
             raise ConfigError(f"{file}: a config must be a mapping of keys")
         raw = loaded
-    raw = merge(raw, parse_overrides(overrides or []))
+    raw = deep_merge(raw, parse_overrides(overrides or []))
     try:
         return kind.model_validate(raw)
     except ValidationError as err:

@@ -12,14 +12,13 @@ from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
 
 from must.checkpoint import FORMAT, SUMMARY_FILE, save_model
 from must.config import DataConfig, StudentConfig, dump_yaml
-from must.data.transforms import build_transforms
 from must.errors import ConfigError
 from must.models.backbone import load_resnet_weights
 from must.models.model import MultiTaskModel
 from must.store.dataset import StoreDataset
 from must.tasks import build_task
 from must.teach import claim_output
-from must.train.data import Collator, make_dataset, make_loader
+from must.train.data import Collator, augmentation, make_dataset, make_loader
 from must.train.fit import fit_and_test
 from must.train.module import MultiTaskModule
 from must.train.weighting import (
@@ -34,15 +33,7 @@ from must.train.weighting import (
 def open_stores(cfg: StudentConfig) -> list[StoreDataset]:
     if not cfg.data.stores:
         raise ConfigError("data.stores: give at least one store (--store STORE)")
-    aug = cfg.data.augment
-    transform = build_transforms(
-        True,
-        cfg.data.image_size,
-        scale=aug.scale,
-        hflip=aug.hflip,
-        color_jitter=aug.color_jitter,
-        depth_scales_with_zoom=aug.depth_scales_with_zoom,
-    )
+    transform = augmentation(cfg.data.augment, cfg.data.image_size, train=True)
     stores = [StoreDataset(path, transform) for path in cfg.data.stores]
     first = stores[0]
     for other in stores[1:]:

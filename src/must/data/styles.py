@@ -211,10 +211,13 @@ def _raw_style(name_or_path: str) -> tuple[dict, str]:
     return raw, where
 
 
-def _merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``; nested mappings merge key by key (styles, configs)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 
@@ -231,7 +234,7 @@ def load_style(name_or_path: str) -> Style:
         if parent_where in chain:
             raise ConfigError(f"{where}: 'extends' forms a cycle through {parent_where}")
         chain.append(parent_where)
-        raw = _merge(parent, raw)
+        raw = deep_merge(parent, raw)
     try:
         style = Style.model_validate(raw)
     except ValidationError as err:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from must.config import DataConfig
+from must.config import AugmentConfig, DataConfig
 from must.data.readers import MultiTaskDataset
 from must.data.spec import MANIFEST_NAMES
 from must.data.transforms import build_transforms
@@ -57,16 +57,20 @@ class Collator:
         return Batch(images=images, targets=targets, keys=[s["key"] for s in samples])
 
 
-def make_dataset(root: Path, split: str, cfg: DataConfig, train: bool) -> MultiTaskDataset:
-    aug = cfg.augment
-    transform = build_transforms(
+def augmentation(aug: AugmentConfig, image_size: int, train: bool):
+    """The joint transform for training (random draw) or evaluation (resize) from settings."""
+    return build_transforms(
         train,
-        cfg.image_size,
+        image_size,
         scale=aug.scale,
         hflip=aug.hflip,
         color_jitter=aug.color_jitter,
         depth_scales_with_zoom=aug.depth_scales_with_zoom,
     )
+
+
+def make_dataset(root: Path, split: str, cfg: DataConfig, train: bool) -> MultiTaskDataset:
+    transform = augmentation(cfg.augment, cfg.image_size, train)
     return MultiTaskDataset(
         root, split=split, transform=transform, on_error="skip" if cfg.skip_bad else "raise"
     )
