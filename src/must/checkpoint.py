@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from must.errors import ConfigError
-from must.models.backbone import BackboneConfig
+from must.models.backbone import BackboneConfig, load_resnet_weights
 from must.models.model import MultiTaskModel
 from must.tasks import build_task
 
@@ -89,3 +89,33 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def initialise(model: MultiTaskModel, path: str, heads: bool = True) -> dict[str, Any]:
+    """Start from a must checkpoint (backbone, and with ``heads`` the heads of tasks with the
+    same name and shapes) or from a torchvision/timm ResNet state dict (backbone body only)."""
+    file = Path(path)
+    file = file / "model.pt" if file.is_dir() else file
+    if not file.is_file():
+        raise ConfigError(f"init: {path}: no such checkpoint or weights file")
+    payload = torch.load(file, map_location="cpu", weights_only=False)
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        theirs = payload["state_dict"]
+        own = model.state_dict()
+        backbone = [k for k in own if k.startswith("backbone.")]
+        bad = [k for k in backbone if k not in theirs or theirs[k].shape != own[k].shape]
+        if bad:
+            raise ConfigError(
+                f"init: {file}: its backbone does not fit this model's (e.g. {bad[:3]}); "
+                "check model.backbone"
+            )
+        head_keys = [
+            k
+            for k in own
+            if heads and k.startswith("heads.") and k in theirs and theirs[k].shape == own[k].shape
+        ]
+        model.load_state_dict({k: theirs[k] for k in backbone + head_keys}, strict=False)
+        tasks = sorted({k.split(".")[1] for k in head_keys})
+        return {"from": str(file), "backbone": True, "heads": tasks}
+    load_resnet_weights(model.backbone.body, file)
+    return {"from": str(file), "backbone": "body only", "heads": []}

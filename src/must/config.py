@@ -83,14 +83,37 @@ class TeachConfig(_Strict):
     task: TaskName
     data: DataConfig
     model: ModelConfig = ModelConfig()
+    # Starting point: a must checkpoint (backbone, plus this task's head for a teacher), a
+    # torchvision/timm ResNet state dict, or None for random weights. ``must transfer``
+    # sets it from --backbone and always starts a fresh head.
+    init: str | None = None
+    # Probe: keep the backbone (weights and batch-norm statistics) fixed, train the head only.
+    freeze_backbone: bool = False
     train: TrainConfig = TrainConfig()
+
+
+class LabeledSetConfig(_Strict):
+    """A labelled dataset joined as it is (its own labels only, no pseudo labels): a folder,
+    or a style rendered into ``cache``, as in :class:`DataConfig`."""
+
+    dataset: str
+    num: int = Field(2000, ge=1)
+    render_size: int = Field(64, ge=16)
+    render_seed: int = 0
+    cache: str = "runs/data"
 
 
 class StudentDataConfig(_Strict):
     # Pseudo-labelled stores written by ``must label``: the unlabeled pool, and optionally the
     # teachers' own datasets labelled with ``--keep-real`` (real labels kept, pseudo elsewhere).
     stores: list[str] = []
-    # Per-store sampling weights; None: every image equally likely (concatenate and shuffle).
+    # Fraction of each store's images used (the first ones of its image list); None: all.
+    store_fractions: list[float] | None = None
+    # Labelled datasets joined with their own labels only. Without stores this is supervised
+    # multi-task training on the union of the labelled sets (the baseline MuST is compared to).
+    datasets: list[LabeledSetConfig] = []
+    # Per-source sampling weights (stores first, then datasets); None: every image equally
+    # likely (concatenate and shuffle).
     store_weights: list[float] | None = None
     image_size: int = Field(64, ge=16)
     augment: AugmentConfig = AugmentConfig()
@@ -119,6 +142,29 @@ class StudentConfig(_Strict):
     train: TrainConfig = TrainConfig()
 
 
+class ViewsConfig(_Strict):
+    """SimCLR's two random views of an image (crop, flip, colour distortion, grey)."""
+
+    scale: tuple[float, float] = (0.2, 1.0)
+    hflip: float = Field(0.5, ge=0, le=1)
+    color_jitter: float = Field(0.5, ge=0, description="strength s: brightness etc. 0.8*s")
+    color_jitter_prob: float = Field(0.8, ge=0, le=1)
+    grayscale_prob: float = Field(0.2, ge=0, le=1)
+
+
+class SimCLRConfig(_Strict):
+    """``must pretrain``: SimCLR self-supervised pre-training on unlabelled images."""
+
+    # The images (labels, if any, are not read): a folder or a style, as for a teacher.
+    data: DataConfig
+    views: ViewsConfig = ViewsConfig()
+    model: ModelConfig = ModelConfig()
+    projection_dim: int = Field(128, ge=1)
+    hidden_dim: int | None = Field(None, ge=1, description="None: the C5 width")
+    temperature: float = Field(0.2, gt=0)
+    train: TrainConfig = TrainConfig()
+
+
 C = TypeVar("C", bound=BaseModel)
 
 
@@ -143,26 +189,59 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(kind: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
-    """Load a YAML config (a file, or a preset name from ``configs/``), apply overrides and
-    validate; a bad or unknown key is reported by its dotted name."""
+def load_config(
+    kind: type[C],
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    merge: dict[str, Any] | None = None,
+) -> C:
+    """Load a YAML config (a file, or a preset name from ``configs/``), merge ``merge`` (a
+    nested dict) and the ``KEY=VALUE`` overrides into it, and validate; a bad or unknown key
+    is reported by its dotted name and, when it comes from the file, its line."""
     raw: dict[str, Any] = {}
     where = "command line"
+    lines: dict[tuple, int] = {}
     if path is not None:
         file = resolve_preset(path)
         where = str(file)
         try:
-            loaded = yaml.safe_load(file.read_text())
+            text = file.read_text()
+            loaded = yaml.safe_load(text)
+            lines = yaml_lines(text)
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"{file}: cannot read config: {err}") from err
         if not isinstance(loaded, dict):
             raise ConfigError(f"{file}: a config must be a mapping of keys")
         raw = loaded
+    raw = deep_merge(raw, merge or {})
     raw = deep_merge(raw, parse_overrides(overrides or []))
     try:
         return kind.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"{where}: invalid config:\n{describe_validation_error(err)}") from err
+        raise ConfigError(
+            f"{where}: invalid config:\n{describe_validation_error(err, lines)}"
+        ) from err
+
+
+def yaml_lines(text: str) -> dict[tuple, int]:
+    """Path of keys/indices -> 1-based line of that node in a YAML text."""
+    out: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        out[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                out[(*path, key.value)] = key.start_mark.line + 1
+                walk(value, (*path, key.value))
+                out[(*path, key.value)] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, i))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return out
 
 
 def presets_dir() -> Path:

@@ -22,10 +22,18 @@ class ConfigError(MustError, ValueError):
     """A configuration file or value is invalid; the message names the file and the key."""
 
 
-def describe_validation_error(err) -> str:
-    """One line per invalid field of a pydantic ValidationError, naming the dotted key."""
-    lines = []
+def describe_validation_error(err, lines: dict[tuple, int] | None = None) -> str:
+    """One line per invalid field of a pydantic ValidationError, naming the dotted key and,
+    given ``lines`` (key path -> line in the YAML file), the nearest line it comes from."""
+    out = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {where}: {e['msg']}")
-    return "\n".join(lines)
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        line = None
+        for n in range(len(loc), -1, -1):  # the key itself, else its closest parent in the file
+            line = (lines or {}).get(loc[:n])
+            if line is not None:
+                break
+        at = f"line {line}: " if line is not None and lines else ""
+        out.append(f"  {at}{where}: {e['msg']}")
+    return "\n".join(out)

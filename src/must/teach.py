@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from must.checkpoint import SUMMARY_FILE, save_model
+from must.checkpoint import SUMMARY_FILE, initialise, save_model
 from must.config import TeachConfig, dump_yaml
 from must.data.readers import MultiTaskDataset
 from must.errors import ConfigError
@@ -59,14 +59,21 @@ def check_classes(dataset: MultiTaskDataset, task: str, classes: list[str], what
 
 
 def teach(
-    cfg: TeachConfig, out: str | Path, overwrite: bool = False, progress: bool = True
+    cfg: TeachConfig,
+    out: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    stage: str = "teacher",
 ) -> dict:
-    """Train a teacher for ``cfg.task`` on ``cfg.data``; writes ``model.pt`` and
+    """Train a single-task model for ``cfg.task`` on ``cfg.data``; writes ``model.pt`` and
     ``summary.json`` into ``out`` and returns the summary. Re-running the same command
-    resumes from the last checkpoint, or returns at once if it had finished."""
+    resumes from the last checkpoint, or returns at once if it had finished.
+
+    ``stage="transfer"`` is ``must transfer``: the backbone comes from ``cfg.init`` and the
+    head always starts afresh (even when the checkpoint has a head of the same task)."""
     out = Path(out)
     if claim_output(out, dump_yaml(cfg), overwrite):
-        print(f"{out}: this teacher is already trained; nothing to do")
+        print(f"{out}: this {stage} run is already trained; nothing to do")
         return json.loads((out / SUMMARY_FILE).read_text())
     root = prepare_dataset(cfg.data, progress=progress)
     train_set = make_dataset(root, "train", cfg.data, train=True)
@@ -87,6 +94,9 @@ def teach(
         check_classes(test_set, cfg.task, task.classes, "test")
 
     model = MultiTaskModel(cfg.model.backbone, {cfg.task: task})
+    started = initialise(model, cfg.init, heads=stage != "transfer") if cfg.init else None
+    if cfg.freeze_backbone:
+        model.freeze_backbone()
     module = MultiTaskModule(model, cfg.train)
     tasks = model.tasks
     tc = cfg.train
@@ -99,7 +109,9 @@ def teach(
     ]
     result = fit_and_test(module, *loaders, tc, out, progress=progress)
     info: dict[str, Any] = {
-        "stage": "teacher",
+        "stage": stage,
+        "init": started,
+        "freeze_backbone": cfg.freeze_backbone,
         "training": {
             cfg.task: {
                 "dataset": str(root),

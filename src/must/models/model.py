@@ -18,8 +18,7 @@ from must.tasks.base import Task
 class MultiTaskModel(nn.Module):
     def __init__(self, backbone: BackboneConfig | Backbone, tasks: dict[str, Task]) -> None:
         super().__init__()
-        if not tasks:
-            raise ValueError("a model needs at least one task")
+        # No task: a backbone-only model (self-supervised pre-training writes one).
         self.backbone = backbone if isinstance(backbone, Backbone) else Backbone(backbone)
         self.tasks = dict(tasks)
         self.heads = nn.ModuleDict(
@@ -28,6 +27,21 @@ class MultiTaskModel(nn.Module):
                 for name, task in tasks.items()
             }
         )
+
+        self.backbone_frozen = False
+
+    def freeze_backbone(self) -> None:
+        """Probe mode: the backbone (ResNet and FPN) keeps its weights and its batch-norm
+        statistics; only the heads learn."""
+        self.backbone_frozen = True
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+
+    def train(self, mode: bool = True) -> MultiTaskModel:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
 
     def forward(
         self, images: torch.Tensor, targets: dict[str, Any] | None = None
