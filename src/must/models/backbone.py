@@ -81,7 +81,8 @@ class Backbone(nn.Module):
     def out_channels(self) -> int:
         return self.config.fpn_channels
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def stages(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """The ResNet's C2-C5 (images in [0, 1]; normalised here)."""
         x = (images - self.mean) / self.std
         b = self.body
         x = b.maxpool(b.act1(b.bn1(b.conv1(x))))
@@ -89,6 +90,10 @@ class Backbone(nn.Module):
         for i, layer in enumerate((b.layer1, b.layer2, b.layer3, b.layer4), start=2):
             x = layer(x)
             stages[f"c{i}"] = x
+        return stages
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        stages = self.stages(images)
         pyramid = self.fpn(stages)
         feats = dict(zip(LEVELS, pyramid.values(), strict=True))
         feats["c5"] = stages["c5"]

@@ -44,9 +44,13 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LitLogger.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    # A probe keeps its frozen backbone in eval mode on purpose (batch-norm statistics fixed).
+    warnings.filterwarnings("ignore", message=".*module.s. in eval mode at the start of training.*")
 
 
-def make_trainer(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> L.Trainer:
+def make_trainer(
+    cfg: TrainConfig, out_dir: Path, progress: bool = True, select_best: bool = True
+) -> L.Trainer:
     _quiet_lightning()
     ckpt_dir = out_dir / CHECKPOINT_DIR
     periodic = ModelCheckpoint(
@@ -61,13 +65,13 @@ def make_trainer(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> L.Tr
     loggers = [CSVLogger(out_dir, name="logs", version="")]
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append(TensorBoardLogger(out_dir, name="tensorboard", version=""))
-    callbacks = [periodic, best]
+    callbacks = [periodic, best] if select_best else [periodic]
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=5))
     return L.Trainer(
         max_steps=cfg.max_steps,
         max_epochs=-1,
-        val_check_interval=cfg.val_every,
+        val_check_interval=cfg.val_every if select_best else None,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         accelerator=cfg.accelerator,

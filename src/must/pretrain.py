@@ -1,0 +1,151 @@
+"""``must pretrain``: SimCLR self-supervised pre-training of the backbone on unlabelled
+images, the self-supervised baseline MuST is compared to.
+
+The contrastive loss and projection head come from lightly; the two views are drawn with
+torchvision's transforms v2 on the image tensors our readers return. The result is a
+backbone-only must checkpoint (no task head) that ``must transfer --backbone`` accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from must.checkpoint import SUMMARY_FILE, save_model
+from must.config import SimCLRConfig, TrainConfig, ViewsConfig, dump_yaml
+from must.data.readers import MultiTaskDataset
+from must.models.backbone import Backbone
+from must.models.model import MultiTaskModel
+from must.teach import claim_output
+from must.train.data import prepare_dataset
+from must.train.fit import CHECKPOINT_DIR, LAST, make_trainer
+from must.train.module import warmup_cosine
+
+
+def simclr_views(cfg: ViewsConfig, size: int) -> v2.Compose:
+    """One random view of a uint8 image tensor, as a float image in [0, 1]."""
+    s = cfg.color_jitter
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=cfg.scale, antialias=True),
+            v2.RandomHorizontalFlip(cfg.hflip),
+            v2.RandomApply(
+                [v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], cfg.color_jitter_prob
+            ),
+            v2.RandomGrayscale(cfg.grayscale_prob),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+
+
+class TwoViews(Dataset):
+    """Two independent random views of each image of a dataset (its labels are ignored)."""
+
+    def __init__(self, images: MultiTaskDataset, view: v2.Compose) -> None:
+        self.images = images
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]["image"]
+        return self.view(image), self.view(image)
+
+
+class SimCLRModule(L.LightningModule):
+    def __init__(self, backbone: Backbone, cfg: SimCLRConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        c5 = backbone.c5_channels
+        self.projection = SimCLRProjectionHead(c5, cfg.hidden_dim or c5, cfg.projection_dim)
+        self.criterion = NTXentLoss(temperature=cfg.temperature)
+        self.train_cfg: TrainConfig = cfg.train
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        c5 = self.backbone.stages(images)["c5"]
+        return self.projection(c5.mean(dim=(2, 3)))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        a, b = batch
+        loss = self.criterion(self.embed(a), self.embed(b))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"SimCLR loss is {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(a))
+        return loss
+
+    def configure_optimizers(self):
+        cfg = self.train_cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if cfg.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        else:
+            opt = torch.optim.AdamW(groups, lr=cfg.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def pretrain_simclr(
+    cfg: SimCLRConfig, out: str | Path, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Pre-train a backbone with SimCLR on ``cfg.data``'s train images; writes a backbone-only
+    ``model.pt`` + ``summary.json``. Re-running resumes from the last checkpoint."""
+    out = Path(out)
+    if claim_output(out, dump_yaml(cfg), overwrite):
+        print(f"{out}: this backbone is already pre-trained; nothing to do")
+        return json.loads((out / SUMMARY_FILE).read_text())
+    root = prepare_dataset(cfg.data, progress=progress)
+    images = MultiTaskDataset(root, split="train", tasks=[])
+    pairs = TwoViews(images, simclr_views(cfg.views, cfg.data.image_size))
+    tc = cfg.train
+    loader = DataLoader(
+        pairs,
+        batch_size=tc.batch_size,
+        shuffle=True,
+        drop_last=len(pairs) >= tc.batch_size,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+        generator=torch.Generator().manual_seed(tc.seed),
+    )
+    L.seed_everything(tc.seed, workers=True, verbose=False)
+    backbone = Backbone(cfg.model.backbone)
+    module = SimCLRModule(backbone, cfg)
+    trainer = make_trainer(tc, out, progress, select_best=False)
+    last = out / CHECKPOINT_DIR / LAST
+    start = time.perf_counter()
+    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+    seconds = time.perf_counter() - start
+    info = {
+        "stage": "simclr",
+        "training": {},
+        "pretraining": {
+            "method": "simclr",
+            "dataset": str(root),
+            "train_images": len(images),
+            "batch_size": tc.batch_size,
+            "lr": tc.lr,
+            "temperature": cfg.temperature,
+        },
+        "image_size": cfg.data.image_size,
+        "train_seconds": round(seconds, 1),
+        "steps": int(trainer.global_step),
+        "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        "config": cfg.model_dump(mode="json"),
+    }
+    save_model(MultiTaskModel(backbone, {}), out, info)
+    return json.loads((out / SUMMARY_FILE).read_text())
