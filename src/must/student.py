@@ -8,17 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, WeightedRandomSampler
 
-from must.checkpoint import FORMAT, SUMMARY_FILE, save_model
+from must.checkpoint import SUMMARY_FILE, initialise, save_model
 from must.config import DataConfig, StudentConfig, dump_yaml
+from must.data.readers import MultiTaskDataset
 from must.errors import ConfigError
-from must.models.backbone import load_resnet_weights
 from must.models.model import MultiTaskModel
 from must.store.dataset import StoreDataset
 from must.tasks import build_task
 from must.teach import claim_output
-from must.train.data import Collator, augmentation, make_dataset, make_loader
+from must.train.data import Collator, augmentation, make_dataset, make_loader, prepare_dataset
 from must.train.fit import fit_and_test
 from must.train.module import MultiTaskModule
 from must.train.weighting import (
@@ -31,12 +31,10 @@ from must.train.weighting import (
 
 
 def open_stores(cfg: StudentConfig) -> list[StoreDataset]:
-    if not cfg.data.stores:
-        raise ConfigError("data.stores: give at least one store (--store STORE)")
     transform = augmentation(cfg.data.augment, cfg.data.image_size, train=True)
     stores = [StoreDataset(path, transform) for path in cfg.data.stores]
-    first = stores[0]
     for other in stores[1:]:
+        first = stores[0]
         for task in set(first.tasks) | set(other.tasks):
             a, b = first.tasks.get(task), other.tasks.get(task)
             if a is None or b is None or a.classes != b.classes:
@@ -44,12 +42,57 @@ def open_stores(cfg: StudentConfig) -> list[StoreDataset]:
                     f"stores {first.root} and {other.root} disagree on {task}: "
                     f"{a.classes if a else 'absent'} vs {b.classes if b else 'absent'}"
                 )
-    for task in first.tasks:
-        counts = [s.store.summary()["tasks"].get(task, {}) for s in stores]
-        labelled = sum(c.get("pseudo", 0) + c.get("real", 0) for c in counts)
-        if labelled == 0:
-            raise ConfigError(f"no image of the joined stores has a {task} label")
     return stores
+
+
+def open_datasets(cfg: StudentConfig, progress: bool) -> list[MultiTaskDataset]:
+    """The labelled datasets of ``data.datasets``, each with its own labels only."""
+    out = []
+    for i, spec in enumerate(cfg.data.datasets):
+        dcfg = DataConfig(
+            **spec.model_dump(), image_size=cfg.data.image_size, augment=cfg.data.augment
+        )
+        ds = make_dataset(prepare_dataset(dcfg, progress), "train", dcfg, train=True)
+        if not ds.tasks:
+            raise ConfigError(f"data.datasets.{i}: {ds.manifest} has no labels to train on")
+        out.append(ds)
+    return out
+
+
+def joined_tasks(
+    stores: list[StoreDataset], datasets: list[MultiTaskDataset]
+) -> dict[str, list[str] | None]:
+    """Task name -> classes over every source; sources that disagree are refused."""
+    tasks: dict[str, list[str] | None] = {}
+    where: dict[str, str] = {}
+    named = [(str(s.root), {n: t.classes for n, t in s.tasks.items()}) for s in stores]
+    named += [(str(d.manifest), {n: d.classes.get(n) for n in d.tasks}) for d in datasets]
+    for source, classes in named:
+        for task, names in classes.items():
+            if task in tasks and list(tasks[task] or []) != list(names or []):
+                raise ConfigError(
+                    f"{source} and {where[task]} disagree on the {task} classes: "
+                    f"{names} vs {tasks[task]}"
+                )
+            tasks[task], where[task] = names, source
+    for task in tasks:
+        labelled = sum(
+            c.get("pseudo", 0) + c.get("real", 0)
+            for c in (s.store.summary()["tasks"].get(task, {}) for s in stores)
+        ) + sum(len(d) for d in datasets if task in d.tasks)
+        if labelled == 0:
+            raise ConfigError(f"no image of the joined stores and datasets has a {task} label")
+    return tasks
+
+
+def first_images(dataset: Dataset, fraction: float) -> Dataset:
+    """The first ``fraction`` of a dataset's images (a store's image list is in a fixed,
+    already random order, so this is a random subset that nests as the fraction grows)."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"data.store_fractions: {fraction} is not in (0, 1]")
+    return (
+        dataset if fraction == 1 else Subset(dataset, range(max(1, round(len(dataset) * fraction))))
+    )
 
 
 def teacher_summaries(stores: list[StoreDataset]) -> dict[str, dict[str, Any]]:
@@ -126,36 +169,6 @@ def store_sampler(sizes: list[int], weights: list[float], seed: int = 0) -> Weig
     return WeightedRandomSampler(per_image, num_samples=len(per_image), generator=generator)
 
 
-def initialise(model: MultiTaskModel, path: str) -> dict[str, Any]:
-    """Start from a must checkpoint (backbone + heads of tasks with the same name and shapes)
-    or from a torchvision/timm ResNet state dict (backbone body only)."""
-    file = Path(path)
-    file = file / "model.pt" if file.is_dir() else file
-    if not file.is_file():
-        raise ConfigError(f"init: {path}: no such checkpoint or weights file")
-    payload = torch.load(file, map_location="cpu", weights_only=False)
-    if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        theirs = payload["state_dict"]
-        own = model.state_dict()
-        backbone = [k for k in own if k.startswith("backbone.")]
-        bad = [k for k in backbone if k not in theirs or theirs[k].shape != own[k].shape]
-        if bad:
-            raise ConfigError(
-                f"init: {file}: its backbone does not fit this model's (e.g. {bad[:3]}); "
-                "check model.backbone"
-            )
-        heads = [
-            k
-            for k in own
-            if k.startswith("heads.") and k in theirs and theirs[k].shape == own[k].shape
-        ]
-        model.load_state_dict({k: theirs[k] for k in backbone + heads}, strict=False)
-        tasks = sorted({k.split(".")[1] for k in heads})
-        return {"from": str(file), "backbone": True, "heads": tasks}
-    load_resnet_weights(model.backbone.body, file)
-    return {"from": str(file), "backbone": "body only", "heads": []}
-
-
 def train_student(
     cfg: StudentConfig, out: str | Path, overwrite: bool = False, progress: bool = True
 ) -> dict:
@@ -164,23 +177,31 @@ def train_student(
     if claim_output(out, dump_yaml(cfg), overwrite):
         print(f"{out}: this student is already trained; nothing to do")
         return json.loads((out / SUMMARY_FILE).read_text())
+    if not cfg.data.stores and not cfg.data.datasets:
+        raise ConfigError("data.stores: give at least one store (--store STORE) or dataset")
     stores = open_stores(cfg)
-    names = list(stores[0].tasks)
+    datasets = open_datasets(cfg, progress)
+    classes = joined_tasks(stores, datasets)
+    names = list(classes)
     teachers = teacher_summaries(stores)
     weighting, resolved = make_weighting(cfg, names, teachers)
     print(f"loss weighting: {resolved}")
-    tasks = {
-        n: build_task(stores[0].tasks[n].name, stores[0].tasks[n].classes, cfg.model.heads.get(n))
-        for n in names
-    }
+    tasks = {n: build_task(n, classes[n], cfg.model.heads.get(n)) for n in names}
     model = MultiTaskModel(cfg.model.backbone, tasks)
     started = initialise(model, cfg.init) if cfg.init else None
 
     tc = cfg.train
-    joined = ConcatDataset(stores)
+    fractions = cfg.data.store_fractions or [1.0] * len(stores)
+    if len(fractions) != len(stores):
+        raise ConfigError(
+            f"data.store_fractions: one fraction per store ({len(stores)}), got {fractions}"
+        )
+    sources: list[Dataset] = [first_images(s, f) for s, f in zip(stores, fractions, strict=True)]
+    sources += datasets
+    joined = ConcatDataset(sources)
     sampler = None
     if cfg.data.store_weights is not None:
-        sampler = store_sampler([len(s) for s in stores], cfg.data.store_weights, tc.seed)
+        sampler = store_sampler([len(s) for s in sources], cfg.data.store_weights, tc.seed)
     train_loader = DataLoader(
         joined,
         batch_size=tc.batch_size,
@@ -193,12 +214,17 @@ def train_student(
         generator=torch.Generator().manual_seed(tc.seed),
     )
 
-    # Checkpoints are selected on, and finally tested on, each teacher's own val/test splits.
+    # Checkpoints are selected on, and finally tested on, each teacher's own val/test splits
+    # (for a task no teacher labelled: the val/test splits of the dataset that has it).
     val_loaders, test_loaders, eval_sets = [], [], {}
+    own = {t: str(d.manifest.parent) for d in reversed(datasets) for t in d.tasks}
     for name in names:
-        if name not in teachers:
+        if name in teachers:
+            dataset = teachers[name]["info"]["training"][name]["dataset"]
+        elif name in own:
+            dataset = own[name]
+        else:
             continue
-        dataset = teachers[name]["info"]["training"][name]["dataset"]
         dcfg = DataConfig(dataset=dataset, image_size=cfg.data.image_size)
         for split, loaders in (("val", val_loaders), ("test", test_loaders)):
             ds = make_dataset(Path(dataset), split, dcfg, train=False)
@@ -206,17 +232,18 @@ def train_student(
         eval_sets[name] = dataset
     if not val_loaders:
         raise ConfigError(
-            "no teacher dataset found to validate the student on (stores name no teacher "
-            "with a summary.json)"
+            "no dataset found to validate the student on (stores name no teacher with a "
+            "summary.json and no labelled dataset is joined)"
         )
     module = MultiTaskModule(model, tc, weighting)
     result = fit_and_test(module, train_loader, val_loaders, test_loaders, tc, out, progress)
     info: dict[str, Any] = {
-        "stage": "student",
+        "stage": "student" if stores else "multitask",
         # As a teacher for a next round, the student's scale is the same for every task.
         "training": {
             n: {
-                "dataset": [str(s.root) for s in stores],
+                "dataset": [str(s.root) for s in stores]
+                + [str(d.manifest.parent) for d in datasets],
                 "train_images": len(joined),
                 "batch_size": tc.batch_size,
                 "lr": tc.lr,
