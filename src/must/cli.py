@@ -197,6 +197,61 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from must.config import SimCLRConfig, load_config
+    from must.pretrain import pretrain_simclr
+
+    cfg = load_config(SimCLRConfig, args.config, args.overrides)
+    summary = pretrain_simclr(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    info = summary["info"]
+    print(
+        f"SimCLR backbone written to {args.out} ({info['steps']} steps, "
+        f"final loss {info['final_loss']:.3f})"
+    )
+    return 0
+
+
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    from must.config import TeachConfig, load_config
+    from must.evaluate import format_table
+    from must.teach import teach
+
+    merge: dict = {"init": None if args.backbone == "random" else args.backbone}
+    if args.probe:
+        merge["freeze_backbone"] = True
+    cfg = load_config(TeachConfig, args.config, args.overrides, merge)
+    summary = teach(
+        cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, stage="transfer"
+    )
+    info = summary["info"]
+    mode = "probe (frozen backbone)" if cfg.freeze_backbone else "fine-tuning"
+    print(f"{cfg.task} {mode} from {args.backbone} written to {args.out}")
+    print("test (checkpoint selected on validation):")
+    print(format_table(info["test"]))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from must.experiment import load_experiment, run_experiment
+
+    cfg = load_experiment(args.experiment, args.overrides)
+    run_experiment(cfg, args.out, progress=not args.quiet, only=args.only)
+    report = f"{args.out}/report.md"
+    print(
+        f"run folder {args.out} is complete"
+        + (f"; report: {report}" if "report" in cfg.stages else "")
+    )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from must.report import write_report
+
+    path = write_report(args.runs, args.out or args.runs[0])
+    print(f"wrote {path} (and report.html beside it)")
+    return 0
+
+
 LABEL_ACTIONS = ("run", "show", "stats")
 
 
@@ -384,6 +439,61 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace a run of another config")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_cmd_train)
+
+    pretrain = verbs.add_parser(
+        "pretrain",
+        help="SimCLR self-supervised pre-training of a backbone on unlabelled images",
+        description="Pre-train a backbone with SimCLR (the self-supervised baseline). CONFIG is "
+        "a YAML file or a preset (simclr_cpu); KEY=VALUE arguments override any key.",
+    )
+    pretrain.add_argument("config", help="config YAML file or preset name")
+    pretrain.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    pretrain.add_argument("--out", required=True, help="checkpoint directory to write")
+    pretrain.add_argument("--overwrite", action="store_true", help="replace another config's run")
+    pretrain.add_argument("--quiet", action="store_true", help="no progress bars")
+    pretrain.set_defaults(func=_cmd_pretrain)
+
+    transfer = verbs.add_parser(
+        "transfer",
+        help="fine-tune (or probe) a backbone on a downstream task with a fresh head",
+        description="Fine-tune a pre-trained backbone on a downstream task with a fresh head "
+        "and report validation-selected test metrics. CONFIG is a YAML file or a preset "
+        "(transfer_cpu); choose the task with task=NAME.",
+    )
+    transfer.add_argument("config", help="config YAML file or preset name")
+    transfer.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    transfer.add_argument(
+        "--backbone",
+        required=True,
+        help="a must checkpoint (directory or model.pt), a ResNet state dict file, or random",
+    )
+    transfer.add_argument("--probe", action="store_true", help="freeze the backbone")
+    transfer.add_argument("--out", required=True, help="directory to write")
+    transfer.add_argument("--overwrite", action="store_true", help="replace another config's run")
+    transfer.add_argument("--quiet", action="store_true", help="no progress bars")
+    transfer.set_defaults(func=_cmd_transfer)
+
+    run = verbs.add_parser(
+        "run",
+        help="run the whole method (teachers, labels, student, baselines, transfer, report)",
+        description="Run an experiment's stages in one run folder, skipping finished work. "
+        "EXPERIMENT is a YAML file or a preset: quickstart, mini, gpu. KEY=VALUE arguments "
+        "override any key (e.g. seed=1).",
+    )
+    run.add_argument("experiment", help="experiment YAML file or preset name")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="experiment overrides")
+    run.add_argument("--out", required=True, help="run folder")
+    run.add_argument("--only", nargs="+", default=None, metavar="STAGE", help="run these stages")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    report = verbs.add_parser(
+        "report",
+        help="write the Markdown/HTML report of one or more run folders (seeds are merged)",
+    )
+    report.add_argument("runs", nargs="+", help="run folders of must run (one per seed)")
+    report.add_argument("--out", default=None, help="report folder (default: the first run)")
+    report.set_defaults(func=_cmd_report)
 
     export = verbs.add_parser(
         "export", help="write a checkpoint's backbone as a plain safetensors state dict"
