@@ -1,17 +1,21 @@
-# Two entry points for a fresh machine: `make demo` runs the main job, `make test` runs the tests.
+# Two entry points for a fresh machine: `make quickstart` runs the main job (the whole method
+# at toy scale), `make test` runs the tests.
 # Each creates the virtual environment on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test format bench clean-venv
+.PHONY: quickstart demo test format bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/must run quickstart --out runs/quickstart
 
 demo: $(STAMP)
 	$(BIN)/must data render --style mixed --tasks all --num 64 --size 96 --out runs/demo

@@ -249,3 +249,19 @@ def test_transfer_table_gives_mean_and_spread_over_seeds(tmp_path):
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(ConfigError, match="not a run folder"):
         write_report([tmp_path], tmp_path)
+
+
+def test_a_changed_experiment_never_reuses_a_model_trained_with_another_config(finished_run):
+    root, run = finished_run
+    changed = {**TINY, "train": {**TINY["train"], "lr": 0.5}}
+    path = tiny_experiment(
+        root,
+        teachers={
+            "classification": {"config": "teach_classification_cpu", "overrides": changed},
+            "segmentation": {"config": "teach_segmentation_cpu", "overrides": TINY},
+        },
+    )
+    before = mtimes(run)
+    with pytest.raises(StageFailed, match=r"stage 'teachers' failed: .*another config"):
+        run_experiment(load_experiment(path), run, progress=False)
+    assert mtimes(run) == before

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from must.checkpoint import SUMMARY_FILE
@@ -226,8 +225,17 @@ class Job:
     done: Callable[[], bool]
 
 
-def _summary_done(out: Path) -> Callable[[], bool]:
-    return lambda: (out / SUMMARY_FILE).is_file()
+def _trained(stage: str, name: str, out: Path, train: Callable, cfg: BaseModel) -> Job:
+    """A training job (teach, train, pretrain): complete when its summary exists for this very
+    config. A folder trained with another config is not skipped: the verb refuses it, so a
+    changed experiment never silently reuses a stale model."""
+    text = dump_yaml(cfg)
+
+    def done() -> bool:
+        config = out / "config.yaml"
+        return (out / SUMMARY_FILE).is_file() and config.is_file() and config.read_text() == text
+
+    return Job(stage, name, out, lambda: train(cfg, out), done)
 
 
 def _store_done(out: Path) -> Callable[[], bool]:
@@ -355,20 +363,24 @@ class Experiment:
         from must.teach import teach
 
         cfg, out, progress = self.cfg, self.out, self.progress
+
+        def teacher(c: TeachConfig, d: Path) -> Any:
+            return teach(c, d, progress=progress)
+
+        def transfer(c: TeachConfig, d: Path) -> Any:
+            return teach(c, d, progress=progress, stage="transfer")
+
+        def student(c: StudentConfig, d: Path) -> Any:
+            return train_student(c, d, progress=progress)
+
+        def simclr(c: SimCLRConfig, d: Path) -> Any:
+            return pretrain_simclr(c, d, progress=progress)
+
         jobs: list[Job] = []
         if stage == "teachers":
             for task in cfg.teachers:
                 d = out / "teachers" / task
-                c = self.teacher_config(task)
-                jobs.append(
-                    Job(
-                        stage,
-                        task,
-                        d,
-                        lambda c=c, d=d: teach(c, d, progress=progress),
-                        _summary_done(d),
-                    )
-                )
+                jobs.append(_trained(stage, task, d, teacher, self.teacher_config(task)))
         elif stage == "label":
             lb = cfg.label
             settings = LabelSettings(
@@ -407,66 +419,20 @@ class Experiment:
 
                     jobs.append(Job(stage, task, d, run, _store_done(d)))
         elif stage == "student":
-            d = out / "student"
-            c = self.student_config()
-            jobs.append(
-                Job(
-                    stage,
-                    "student",
-                    d,
-                    lambda: train_student(c, d, progress=progress),
-                    _summary_done(d),
-                )
-            )
+            jobs.append(_trained(stage, "student", out / "student", student, self.student_config()))
         elif stage == "simclr":
-            d = out / "simclr"
-            c = self.simclr_config()
-            jobs.append(
-                Job(
-                    stage,
-                    "simclr",
-                    d,
-                    lambda: pretrain_simclr(c, d, progress=progress),
-                    _summary_done(d),
-                )
-            )
+            jobs.append(_trained(stage, "simclr", out / "simclr", simclr, self.simclr_config()))
         elif stage == "multitask":
-            d = out / "multitask"
             c = self.multitask_config()
-            jobs.append(
-                Job(
-                    stage,
-                    "multitask",
-                    d,
-                    lambda: train_student(c, d, progress=progress),
-                    _summary_done(d),
-                )
-            )
+            jobs.append(_trained(stage, "multitask", out / "multitask", student, c))
         elif stage == "scaling":
             for f in cfg.scaling:
                 d = out / f"student_pool{round(f * 100)}"
-                c = self.student_config(fraction=f)
-                jobs.append(
-                    Job(
-                        stage,
-                        d.name,
-                        d,
-                        lambda c=c, d=d: train_student(c, d, progress=progress),
-                        _summary_done(d),
-                    )
-                )
+                jobs.append(_trained(stage, d.name, d, student, self.student_config(fraction=f)))
         elif stage == "strong":
             d = out / "student_from_multitask"
             c = self.student_config(init=str(out / "multitask"))
-            jobs.append(
-                Job(
-                    stage,
-                    d.name,
-                    d,
-                    lambda: train_student(c, d, progress=progress),
-                    _summary_done(d),
-                )
-            )
+            jobs.append(_trained(stage, d.name, d, student, c))
         elif stage == "transfer":
             backbones = backbone_names(cfg)
             backbones += [b for b in extra_students(cfg) if b not in backbones]
@@ -474,16 +440,8 @@ class Experiment:
                 for task in cfg.transfer.tasks:
                     for mode in cfg.transfer.modes:
                         d = out / "transfer" / backbone.replace(":", "_") / f"{task}-{mode}"
-
-                        def run(
-                            d: Path = d, b: str = backbone, t: str = task, m: str = mode
-                        ) -> Any:
-                            c = self.transfer_config(b, t, m)
-                            return teach(c, d, progress=progress, stage="transfer")
-
-                        jobs.append(
-                            Job(stage, f"{backbone} {task} {mode}", d, run, _summary_done(d))
-                        )
+                        c = self.transfer_config(backbone, task, mode)
+                        jobs.append(_trained(stage, f"{backbone} {task} {mode}", d, transfer, c))
         elif stage == "report":
             from must.report import write_report
 
@@ -551,6 +509,11 @@ def run_experiment(
             ) from err
         record["status"] = "done"
         record["seconds"] = round(time.perf_counter() - start, 1)
+        # Compute spent on the stage over every invocation (a resumed run adds its part).
+        before = status.get(stage, {})
+        record["total_seconds"] = round(
+            before.get("total_seconds", before.get("seconds", 0.0)) + record["seconds"], 1
+        )
         status[stage] = record
         _write_status(status_file, status)
     return status
@@ -560,7 +523,3 @@ def _write_status(path: Path, status: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(status, indent=2) + "\n")
     tmp.replace(path)
-
-
-def describe(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
