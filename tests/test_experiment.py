@@ -244,6 +244,7 @@ def test_transfer_table_gives_mean_and_spread_over_seeds(tmp_path):
     text = md.read_text()
     assert "seeds 0, 1" in text and "| student | 0.700 ± 0.141 | 1.000 ± 0.000 |" in text
     assert "best (or tied best) backbone on 1 of 1 columns" in text
+    assert "Mean normalised score, probe, best first: student 1.000, scratch 0.000." in text
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):

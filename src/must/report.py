@@ -136,14 +136,34 @@ def transfer_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str
                 )
             )
         for m in modes:
-            means = []
-            for scores in per_run_scores:
-                s = [v for c, v in scores.get(b, {}).items() if c.endswith(f"-{m}")]
-                if s:
-                    means.append(statistics.fmean(s))
-            row.append(_mean_spread(means))
+            row.append(_mean_spread(per_seed_mean_score(per_run_scores, b, m)))
         rows.append(row)
     return header, rows
+
+
+def per_seed_mean_score(
+    per_run_scores: list[dict[str, dict[str, float]]], backbone: str, mode: str
+) -> list[float]:
+    """The backbone's normalised score averaged over the tasks of one mode, per seed."""
+    means = []
+    for scores in per_run_scores:
+        s = [v for c, v in scores.get(backbone, {}).items() if c.endswith(f"-{mode}")]
+        if s:
+            means.append(statistics.fmean(s))
+    return means
+
+
+def score_ranking(runs: list[dict[str, Any]]) -> dict[str, list[tuple[str, float]]]:
+    """Per mode, backbones by mean normalised score over tasks and seeds, best first."""
+    per_run_scores = [normalised_scores(r["transfer"]) for r in runs]
+    backbones = {b for r in runs for b in r["transfer"]}
+    columns = {c for r in runs for cols in r["transfer"].values() for c in cols}
+    out = {}
+    for m in sorted({c.rsplit("-", 1)[1] for c in columns}):
+        means = {b: per_seed_mean_score(per_run_scores, b, m) for b in backbones}
+        ranked = [(b, statistics.fmean(v)) for b, v in means.items() if v]
+        out[m] = sorted(ranked, key=lambda x: -x[1])
+    return out
 
 
 def wins(runs: list[dict[str, Any]], backbone: str = "student") -> dict[str, Any]:
@@ -358,6 +378,9 @@ def write_report(runs: list[str | Path], out: str | Path) -> Path:
             f"{w['columns']} columns" + (f": {', '.join(w['best_on'])}." if w["best_on"] else "."),
             "",
         ]
+        for mode, ranked in score_ranking(data).items():
+            order = ", ".join(f"{b} {v:.3f}" for b, v in ranked)
+            lines += [f"Mean normalised score, {mode}, best first: {order}.", ""]
     if any(d["teachers"] for d in data):
         header, rows = student_table(data)
         lines += [
