@@ -266,3 +266,22 @@ def test_a_changed_experiment_never_reuses_a_model_trained_with_another_config(f
     with pytest.raises(StageFailed, match=r"stage 'teachers' failed: .*another config"):
         run_experiment(load_experiment(path), run, progress=False)
     assert mtimes(run) == before
+
+
+def test_transfer_waits_for_extra_students_only_when_their_stage_runs(tmp_path):
+    from must.experiment import Experiment
+
+    path = tiny_experiment(
+        tmp_path, stages=["teachers", "label", "student", "scaling", "transfer"], scaling=[0.5]
+    )
+    cfg = load_experiment(path)
+
+    def backbones(stages):
+        jobs = Experiment(cfg, tmp_path / "run", False, stages).jobs("transfer")
+        return sorted({j.name.split()[0] for j in jobs})
+
+    assert backbones(["transfer"]) == ["scratch", "student"]
+    assert backbones(["scaling", "transfer"]) == ["scratch", "student", "student_pool50"]
+    (tmp_path / "run" / "student_pool50").mkdir(parents=True)
+    (tmp_path / "run" / "student_pool50" / "summary.json").write_text("{}")
+    assert backbones(["transfer"]) == ["scratch", "student", "student_pool50"]

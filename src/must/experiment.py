@@ -249,8 +249,16 @@ def _store_done(out: Path) -> Callable[[], bool]:
 class Experiment:
     """The jobs of one experiment in one run folder."""
 
-    def __init__(self, cfg: ExperimentConfig, out: str | Path, progress: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        out: str | Path,
+        progress: bool = True,
+        stages: list[str] | None = None,
+    ) -> None:
         self.cfg = cfg
+        stages = cfg.stages if stages is None else stages
+        self.running_extras = any(s in stages for s in ("scaling", "strong"))
         self.out = Path(out)
         self.progress = progress
         self.cache = cfg.data_cache or str(self.out / "data")
@@ -434,8 +442,15 @@ class Experiment:
             c = self.student_config(init=str(out / "multitask"))
             jobs.append(_trained(stage, d.name, d, student, c))
         elif stage == "transfer":
+            # The extra students join once trained, or when their stage runs in this call
+            # (``--only transfer`` after the main stages must not wait for them).
             backbones = backbone_names(cfg)
-            backbones += [b for b in extra_students(cfg) if b not in backbones]
+            backbones += [
+                b
+                for b in extra_students(cfg)
+                if b not in backbones
+                and (self.running_extras or (out / b / SUMMARY_FILE).is_file())
+            ]
             for backbone in backbones:
                 for task in cfg.transfer.tasks:
                     for mode in cfg.transfer.modes:
@@ -479,8 +494,8 @@ def run_experiment(
     (out / EXPERIMENT_FILE).write_text(dump_yaml(cfg))
     status_file = out / STATUS_FILE
     status: dict[str, Any] = json.loads(status_file.read_text()) if status_file.is_file() else {}
-    experiment = Experiment(cfg, out, progress)
     stages = [s for s in STAGE_ORDER if s in cfg.stages and (only is None or s in only)]
+    experiment = Experiment(cfg, out, progress, stages)
     for stage in stages:
         record: dict[str, Any] = {"jobs": {}, "seconds": 0.0}
         start = time.perf_counter()
