@@ -232,15 +232,20 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from must.experiment import load_experiment, run_experiment
 
     cfg = load_experiment(args.experiment, args.overrides)
     run_experiment(cfg, args.out, progress=not args.quiet, only=args.only)
-    report = f"{args.out}/report.md"
-    print(
-        f"run folder {args.out} is complete"
-        + (f"; report: {report}" if "report" in cfg.stages else "")
-    )
+    report = Path(args.out) / "report.md"
+    print(f"run folder {args.out} is complete")
+    if report.is_file() and (args.only is None or "report" in args.only):
+        # The transfer table and ranking: the run's headline, without opening the report.
+        text = report.read_text()
+        if "## Transfer" in text:
+            print(text.split("## Transfer", 1)[1].split("\n## ", 1)[0].split("\n", 1)[1].strip())
+        print(f"\nfull report: {report} (and report.html)")
     return 0
 
 
