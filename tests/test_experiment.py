@@ -285,3 +285,30 @@ def test_transfer_waits_for_extra_students_only_when_their_stage_runs(tmp_path):
     (tmp_path / "run" / "student_pool50").mkdir(parents=True)
     (tmp_path / "run" / "student_pool50" / "summary.json").write_text("{}")
     assert backbones(["transfer"]) == ["scratch", "student", "student_pool50"]
+
+
+def test_extra_students_get_their_own_tables_on_the_main_scale(tmp_path):
+    run = fake_run(
+        tmp_path,
+        0,
+        {
+            "scratch": {"classification-probe": 0.2},
+            "multitask": {"classification-probe": 0.3},
+            "student": {"classification-probe": 0.4},
+            "student_pool25": {"classification-probe": 0.3},
+            "student_from_multitask": {"classification-probe": 0.6},
+        },
+    )
+    data = [collect(run)]
+    # The main comparison's best is the student (0.4), not the extra student (0.6) ...
+    scores = normalised_scores(data[0]["transfer"])
+    assert scores["student"]["classification-probe"] == pytest.approx(1.0)
+    assert scores["student_from_multitask"]["classification-probe"] == pytest.approx(2.0)
+    _, rows = transfer_table(data)
+    assert [r[0] for r in rows] == ["scratch", "multitask", "student"]
+    text = write_report([run], tmp_path / "r").read_text()
+    assert (
+        "## More unlabelled data (scaling)" in text and "## Improving a strong checkpoint" in text
+    )
+    assert "| student_pool25 | 0.300 | 0.500 |" in text
+    assert "| student_from_multitask | 0.600 | 2.000 |" in text

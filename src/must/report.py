@@ -79,8 +79,16 @@ def collect(run: str | Path) -> dict[str, Any]:
     return out
 
 
+def is_extra(backbone: str) -> bool:
+    """The students of the scaling and strong-checkpoint experiments: reported beside the main
+    comparison, not part of it (they do not set its "best")."""
+    return backbone.startswith(("student_pool", "student_from_"))
+
+
 def normalised_scores(transfer: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
-    """Per backbone, per column (task-mode): the normalised transfer score of one seed."""
+    """Per backbone, per column (task-mode): the normalised transfer score of one seed. The
+    best is that of the main backbones; extra students are scored on the same scale (and
+    may exceed 1)."""
     columns = sorted({c for cols in transfer.values() for c in cols})
     scores: dict[str, dict[str, float]] = {b: {} for b in transfer}
     for column in columns:
@@ -92,7 +100,7 @@ def normalised_scores(transfer: dict[str, dict[str, dict]]) -> dict[str, dict[st
                 values[backbone] = entry["value"] if higher else -entry["value"]
         if "scratch" not in values:
             continue
-        best = max(values.values())
+        best = max(v for b, v in values.items() if not is_extra(b))
         span = best - values["scratch"]
         for backbone, v in values.items():
             scores[backbone][column] = (v - values["scratch"]) / span if span > 0 else 0.0
@@ -109,14 +117,22 @@ def _mean_spread(values: list[float]) -> str:
     return f"{mean:.3f} ± {statistics.stdev(values):.3f}"
 
 
-def transfer_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Rows: backbones; columns: task-mode primary metrics, then the mean normalised score
-    per mode; cells: mean ± standard deviation over the runs (seeds)."""
+def transfer_table(
+    runs: list[dict[str, Any]], rows_of: list[str] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Rows: backbones (``rows_of``, default the main ones); columns: task-mode primary
+    metrics, then the mean normalised score per mode; cells: mean ± standard deviation over
+    the runs (seeds)."""
     backbones: list[str] = []
     for r in runs:
         backbones += [b for b in r["transfer"] if b not in backbones]
+    if rows_of is None:
+        backbones = [b for b in backbones if not is_extra(b)]
+    else:
+        backbones = [b for b in rows_of if b in backbones]
     order = {"scratch": 0, "simclr": 2, "multitask": 3, "student": 4}
-    backbones.sort(key=lambda b: (order.get(b, 1 if b.startswith("teacher") else 5), b))
+    if rows_of is None:
+        backbones.sort(key=lambda b: (order.get(b, 1 if b.startswith("teacher") else 5), b))
     columns = sorted({c for r in runs for cols in r["transfer"].values() for c in cols})
     modes = sorted({c.rsplit("-", 1)[1] for c in columns})
     per_run_scores = [normalised_scores(r["transfer"]) for r in runs]
@@ -156,7 +172,7 @@ def per_seed_mean_score(
 def score_ranking(runs: list[dict[str, Any]]) -> dict[str, list[tuple[str, float]]]:
     """Per mode, backbones by mean normalised score over tasks and seeds, best first."""
     per_run_scores = [normalised_scores(r["transfer"]) for r in runs]
-    backbones = {b for r in runs for b in r["transfer"]}
+    backbones = {b for r in runs for b in r["transfer"] if not is_extra(b)}
     columns = {c for r in runs for cols in r["transfer"].values() for c in cols}
     out = {}
     for m in sorted({c.rsplit("-", 1)[1] for c in columns}):
@@ -177,7 +193,7 @@ def wins(runs: list[dict[str, Any]], backbone: str = "student") -> dict[str, Any
         for r in runs:
             for b, cols in r["transfer"].items():
                 v = cols.get(c, {}).get("value")
-                if v is not None:
+                if v is not None and not is_extra(b):
                     means.setdefault(b, []).append(v if higher else -v)
         means = {b: statistics.fmean(v) for b, v in means.items()}
         if backbone in means and means[backbone] >= max(means.values()):
@@ -381,6 +397,30 @@ def write_report(runs: list[str | Path], out: str | Path) -> Path:
         for mode, ranked in score_ranking(data).items():
             order = ", ".join(f"{b} {v:.3f}" for b, v in ranked)
             lines += [f"Mean normalised score, {mode}, best first: {order}.", ""]
+    extras = sorted({b for d in data for b in d["transfer"] if is_extra(b)})
+    pools = sorted((b for b in extras if b.startswith("student_pool")), key=lambda b: int(b[12:]))
+    if pools:
+        header, rows = transfer_table(data, [*pools, "student"])
+        lines += [
+            "## More unlabelled data (scaling)",
+            "",
+            "Students trained on the first 25% / 50% of the pool (the teachers' own sets in "
+            "full), against the student on all of it; scores on the scale of the main table.",
+            "",
+            markdown_table(header, rows),
+            "",
+        ]
+    if "student_from_multitask" in extras:
+        header, rows = transfer_table(data, ["multitask", "student_from_multitask", "student"])
+        lines += [
+            "## Improving a strong checkpoint",
+            "",
+            "A student started from the supervised multi-task baseline, against that baseline "
+            "and the student from random weights; scores on the scale of the main table.",
+            "",
+            markdown_table(header, rows),
+            "",
+        ]
     if any(d["teachers"] for d in data):
         header, rows = student_table(data)
         lines += [
