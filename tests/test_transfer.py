@@ -171,3 +171,10 @@ def test_store_fraction_uses_the_first_images_of_the_list():
     assert first_images(data, 1.0) is data
     with pytest.raises(ConfigError, match="store_fractions"):
         first_images(data, 0.0)
+
+
+def test_a_missing_backbone_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "never"
+    code = main(["transfer", "transfer_cpu", "task=depth", "--backbone", str(tmp_path / "nope"),
+                 "--out", str(out), "--quiet"])  # fmt: skip
+    assert code == 2 and not out.exists()

@@ -72,6 +72,8 @@ def teach(
     ``stage="transfer"`` is ``must transfer``: the backbone comes from ``cfg.init`` and the
     head always starts afresh (even when the checkpoint has a head of the same task)."""
     out = Path(out)
+    if cfg.init is not None and not Path(cfg.init).exists():
+        raise ConfigError(f"init: {cfg.init}: no such checkpoint or weights file")
     if claim_output(out, dump_yaml(cfg), overwrite):
         print(f"{out}: this {stage} run is already trained; nothing to do")
         return json.loads((out / SUMMARY_FILE).read_text())
