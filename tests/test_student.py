@@ -15,13 +15,8 @@ from must.errors import ConfigError
 from must.label import label_images
 from must.student import initialise, train_student
 from must.teach import teach
+from tiny import TINY_MODEL
 
-TINY_MODEL = [
-    "model.backbone.depth=10",
-    "model.backbone.widths=[8,16,32,64]",
-    "model.backbone.stem_width=8",
-    "model.backbone.fpn_channels=16",
-]
 TINY_TRAIN = ["train.warmup_steps=1", "train.max_steps=2", "train.val_every=2"]
 
 

@@ -22,12 +22,10 @@ from must.models.backbone import Backbone, BackboneConfig
 from must.tasks.base import Batch
 from must.teach import teach
 from must.train.module import MultiTaskModule, NonFiniteLossError
+from tiny import TINY_MODEL
 
 TINY = [
-    "model.backbone.depth=10",
-    "model.backbone.widths=[8,16,32,64]",
-    "model.backbone.stem_width=8",
-    "model.backbone.fpn_channels=16",
+    *TINY_MODEL,
     "data.num=30",
     "data.render_size=32",
     "data.image_size=32",

@@ -14,13 +14,8 @@ from must.pretrain import pretrain_simclr, simclr_views
 from must.student import train_student
 from must.tasks import build_task
 from must.teach import teach
+from tiny import TINY_MODEL
 
-TINY_MODEL = [
-    "model.backbone.depth=10",
-    "model.backbone.widths=[8,16,32,64]",
-    "model.backbone.stem_width=8",
-    "model.backbone.fpn_channels=16",
-]
 TINY_TRAIN = ["train.warmup_steps=1", "train.max_steps=3", "train.val_every=3"]
 
 

@@ -345,6 +345,21 @@ def _add_label_parser(verbs: argparse._SubParsersAction) -> None:
     stats.set_defaults(func=_cmd_label_stats)
 
 
+def _training_verb(
+    verbs: argparse._SubParsersAction, name: str, func, out_help: str, **texts: str
+) -> argparse.ArgumentParser:
+    """A verb that trains from a config: CONFIG, KEY=VALUE overrides, --out, --overwrite,
+    --quiet (teach, train, pretrain, transfer)."""
+    verb = verbs.add_parser(name, **texts)
+    verb.add_argument("config", help="config YAML file or preset name")
+    verb.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    verb.add_argument("--out", required=True, help=out_help)
+    verb.add_argument("--overwrite", action="store_true", help="replace a run of another config")
+    verb.add_argument("--quiet", action="store_true", help="no progress bars")
+    verb.set_defaults(func=func)
+    return verb
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="must", description="Multi-task self-training (MuST) for computer vision."
@@ -399,19 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--split", default="train")
     check.set_defaults(func=_cmd_data_check)
 
-    teach = verbs.add_parser(
+    _training_verb(
+        verbs,
         "teach",
+        _cmd_teach,
+        "checkpoint directory to write",
         help="train a specialized teacher for one task",
         description="Train a specialized teacher. CONFIG is a YAML file or a preset name from "
         "configs/ (e.g. teach_detection_cpu); KEY=VALUE arguments override any config key, "
         "e.g. train.lr=0.05 model.backbone.depth=50. Re-running resumes from the last checkpoint.",
     )
-    teach.add_argument("config", help="config YAML file or preset name")
-    teach.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    teach.add_argument("--out", required=True, help="checkpoint directory to write")
-    teach.add_argument("--overwrite", action="store_true", help="replace a run of another config")
-    teach.add_argument("--quiet", action="store_true", help="no progress bars")
-    teach.set_defaults(func=_cmd_teach)
 
     ev = verbs.add_parser("eval", help="evaluate a checkpoint on a dataset and print a table")
     ev.add_argument("checkpoint", help="checkpoint directory (or its model.pt)")
@@ -428,55 +440,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_label_parser(verbs)
 
-    train = verbs.add_parser(
+    train = _training_verb(
+        verbs,
         "train",
+        _cmd_train,
+        "checkpoint directory to write",
         help="train the multi-task student on pseudo-labelled stores",
         description="Train the MuST student. CONFIG is a YAML file or a preset name "
         "(train_student_cpu); KEY=VALUE arguments override any key. Re-running resumes.",
     )
-    train.add_argument("config", help="config YAML file or preset name")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     train.add_argument(
         "--store", action="append", default=[], help="a store from must label (repeatable)"
     )
     train.add_argument("--init", default=None, help="starting checkpoint or ResNet state dict")
-    train.add_argument("--out", required=True, help="checkpoint directory to write")
-    train.add_argument("--overwrite", action="store_true", help="replace a run of another config")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
-    train.set_defaults(func=_cmd_train)
 
-    pretrain = verbs.add_parser(
+    _training_verb(
+        verbs,
         "pretrain",
+        _cmd_pretrain,
+        "checkpoint directory to write",
         help="SimCLR self-supervised pre-training of a backbone on unlabelled images",
         description="Pre-train a backbone with SimCLR (the self-supervised baseline). CONFIG is "
         "a YAML file or a preset (simclr_cpu); KEY=VALUE arguments override any key.",
     )
-    pretrain.add_argument("config", help="config YAML file or preset name")
-    pretrain.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    pretrain.add_argument("--out", required=True, help="checkpoint directory to write")
-    pretrain.add_argument("--overwrite", action="store_true", help="replace another config's run")
-    pretrain.add_argument("--quiet", action="store_true", help="no progress bars")
-    pretrain.set_defaults(func=_cmd_pretrain)
 
-    transfer = verbs.add_parser(
+    transfer = _training_verb(
+        verbs,
         "transfer",
+        _cmd_transfer,
+        "directory to write",
         help="fine-tune (or probe) a backbone on a downstream task with a fresh head",
         description="Fine-tune a pre-trained backbone on a downstream task with a fresh head "
         "and report validation-selected test metrics. CONFIG is a YAML file or a preset "
         "(transfer_cpu); choose the task with task=NAME.",
     )
-    transfer.add_argument("config", help="config YAML file or preset name")
-    transfer.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     transfer.add_argument(
         "--backbone",
         required=True,
         help="a must checkpoint (directory or model.pt), a ResNet state dict file, or random",
     )
     transfer.add_argument("--probe", action="store_true", help="freeze the backbone")
-    transfer.add_argument("--out", required=True, help="directory to write")
-    transfer.add_argument("--overwrite", action="store_true", help="replace another config's run")
-    transfer.add_argument("--quiet", action="store_true", help="no progress bars")
-    transfer.set_defaults(func=_cmd_transfer)
 
     run = verbs.add_parser(
         "run",

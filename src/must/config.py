@@ -231,9 +231,8 @@ def yaml_lines(text: str) -> dict[tuple, int]:
         out[path] = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
-                out[(*path, key.value)] = key.start_mark.line + 1
                 walk(value, (*path, key.value))
-                out[(*path, key.value)] = key.start_mark.line + 1
+                out[(*path, key.value)] = key.start_mark.line + 1  # the key's line, not its value's
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 walk(item, (*path, i))

@@ -22,6 +22,14 @@ class ConfigError(MustError, ValueError):
     """A configuration file or value is invalid; the message names the file and the key."""
 
 
+def nearest_line(lines: dict[tuple, int], loc: tuple) -> int | None:
+    """The line of the key path ``loc`` in a YAML file, else of its closest parent there."""
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
 def describe_validation_error(err, lines: dict[tuple, int] | None = None) -> str:
     """One line per invalid field of a pydantic ValidationError, naming the dotted key and,
     given ``lines`` (key path -> line in the YAML file), the nearest line it comes from."""
@@ -29,11 +37,7 @@ def describe_validation_error(err, lines: dict[tuple, int] | None = None) -> str
     for e in err.errors():
         loc = tuple(e["loc"])
         where = ".".join(str(p) for p in loc) or "(top level)"
-        line = None
-        for n in range(len(loc), -1, -1):  # the key itself, else its closest parent in the file
-            line = (lines or {}).get(loc[:n])
-            if line is not None:
-                break
+        line = nearest_line(lines or {}, loc)
         at = f"line {line}: " if line is not None and lines else ""
         out.append(f"  {at}{where}: {e['msg']}")
     return "\n".join(out)

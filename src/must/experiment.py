@@ -38,7 +38,7 @@ from must.config import (
     load_config,
     presets_dir,
 )
-from must.errors import ConfigError, MustError
+from must.errors import ConfigError, MustError, nearest_line
 
 StageName = Literal[
     "teachers", "label", "student", "simclr", "multitask", "scaling", "strong", "transfer", "report"
@@ -148,11 +148,8 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
 def _line(file: Path, *keys: Any) -> str:
     from must.config import yaml_lines
 
-    lines = yaml_lines(file.read_text())
-    for n in range(len(keys), -1, -1):
-        if keys[:n] in lines:
-            return f"{file}, line {lines[keys[:n]]}"
-    return str(file)
+    line = nearest_line(yaml_lines(file.read_text()), keys)
+    return str(file) if line is None else f"{file}, line {line}"
 
 
 def backbone_names(cfg: ExperimentConfig) -> list[str]:

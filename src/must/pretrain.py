@@ -28,7 +28,7 @@ from must.models.model import MultiTaskModel
 from must.teach import claim_output
 from must.train.data import prepare_dataset
 from must.train.fit import CHECKPOINT_DIR, LAST, make_trainer
-from must.train.module import warmup_cosine
+from must.train.module import optimizer_and_schedule
 
 
 def simclr_views(cfg: ViewsConfig, size: int) -> v2.Compose:
@@ -84,20 +84,7 @@ class SimCLRModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        cfg = self.train_cfg
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        groups = [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        if cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-        else:
-            opt = torch.optim.AdamW(groups, lr=cfg.lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return optimizer_and_schedule(self.parameters(), self.train_cfg)
 
 
 def pretrain_simclr(

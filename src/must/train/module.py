@@ -115,21 +115,27 @@ class MultiTaskModule(L.LightningModule):
     # --- optimisation ---
     def configure_optimizers(self):
         cfg = self.train_cfg
-        # No weight decay on norms and biases, as is standard for ResNets.
-        decay, no_decay = [], []
-        for p in [*self.model.parameters(), *self.weighting.parameters()]:
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        if cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-        else:
-            opt = torch.optim.AdamW(groups, lr=cfg.lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return optimizer_and_schedule([*self.model.parameters(), *self.weighting.parameters()], cfg)
+
+
+def optimizer_and_schedule(parameters, cfg: TrainConfig) -> dict:
+    """SGD (Nesterov) or AdamW over the trainable ``parameters``, stepped per batch along
+    :func:`warmup_cosine`, in the form Lightning's ``configure_optimizers`` returns."""
+    # No weight decay on norms and biases, as is standard for ResNets.
+    decay, no_decay = [], []
+    for p in parameters:
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def warmup_cosine(cfg: TrainConfig):
