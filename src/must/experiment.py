@@ -160,10 +160,13 @@ def backbone_names(cfg: ExperimentConfig) -> list[str]:
     return names
 
 
+def pool_student(fraction: float) -> str:
+    """The folder (and backbone name) of the student trained on a fraction of the pool."""
+    return f"student_pool{round(fraction * 100)}"
+
+
 def extra_students(cfg: ExperimentConfig) -> list[str]:
-    names = (
-        [f"student_pool{round(f * 100)}" for f in cfg.scaling] if "scaling" in cfg.stages else []
-    )
+    names = [pool_student(f) for f in cfg.scaling] if "scaling" in cfg.stages else []
     return names + (["student_from_multitask"] if "strong" in cfg.stages else [])
 
 
@@ -432,7 +435,7 @@ class Experiment:
             jobs.append(_trained(stage, "multitask", out / "multitask", student, c))
         elif stage == "scaling":
             for f in cfg.scaling:
-                d = out / f"student_pool{round(f * 100)}"
+                d = out / pool_student(f)
                 jobs.append(_trained(stage, d.name, d, student, self.student_config(fraction=f)))
         elif stage == "strong":
             d = out / "student_from_multitask"
