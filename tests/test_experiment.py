@@ -312,3 +312,13 @@ def test_extra_students_get_their_own_tables_on_the_main_scale(tmp_path):
     )
     assert "| student_pool25 | 0.300 | 0.500 |" in text
     assert "| student_from_multitask | 0.600 | 2.000 |" in text
+    # A second seed without the extras changes the main table, not the extras' comparison.
+    other = fake_run(
+        tmp_path,
+        1,
+        {"scratch": {"classification-probe": 0.2}, "student": {"classification-probe": 0.6}},
+    )
+    text = write_report([run, other], tmp_path / "r2").read_text()
+    main, extras = text.split("## More unlabelled data (scaling)")
+    assert "| student | 0.500 ± 0.141 | 1.000 ± 0.000 |" in main
+    assert extras.count("| student | 0.400 | 1.000 |") == 2

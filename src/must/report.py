@@ -399,24 +399,33 @@ def write_report(runs: list[str | Path], out: str | Path) -> Path:
             lines += [f"Mean normalised score, {mode}, best first: {order}.", ""]
     extras = sorted({b for d in data for b in d["transfer"] if is_extra(b)})
     pools = sorted((b for b in extras if b.startswith("student_pool")), key=lambda b: int(b[12:]))
+
+    def seeds_with(backbone: str) -> list[dict[str, Any]]:
+        # Extras usually run on fewer seeds: compare them with the student of the same seeds.
+        return [d for d in data if backbone in d["transfer"]]
+
     if pools:
-        header, rows = transfer_table(data, [*pools, "student"])
+        header, rows = transfer_table(seeds_with(pools[0]), [*pools, "student"])
         lines += [
             "## More unlabelled data (scaling)",
             "",
             "Students trained on the first 25% / 50% of the pool (the teachers' own sets in "
-            "full), against the student on all of it; scores on the scale of the main table.",
+            "full), against the student on all of it, over the seeds the scaling students ran "
+            "on; scores on the scale of the main table.",
             "",
             markdown_table(header, rows),
             "",
         ]
     if "student_from_multitask" in extras:
-        header, rows = transfer_table(data, ["multitask", "student_from_multitask", "student"])
+        header, rows = transfer_table(
+            seeds_with("student_from_multitask"), ["multitask", "student_from_multitask", "student"]
+        )
         lines += [
             "## Improving a strong checkpoint",
             "",
             "A student started from the supervised multi-task baseline, against that baseline "
-            "and the student from random weights; scores on the scale of the main table.",
+            "and the student from random weights, over the seeds it ran on; scores on the scale "
+            "of the main table.",
             "",
             markdown_table(header, rows),
             "",
