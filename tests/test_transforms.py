@@ -171,7 +171,17 @@ def test_zoom_scales_depth_by_field_of_view(scales: bool) -> None:
 
 
 @pytest.mark.parametrize("size", [(24, 32), (96, 128), (48, 48)])
-def test_eval_resize_never_changes_depth_values(size: tuple[int, int]) -> None:
+@pytest.mark.parametrize("mask_resize_takes_mode", [True, False])
+def test_eval_resize_never_changes_depth_values(
+    size: tuple[int, int], mask_resize_takes_mode: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torchvision < 0.29's resize_mask takes no interpolation argument: same values either way.
+    import must.data.transforms as module
+
+    if not mask_resize_takes_mode:
+        plain = F.resize_mask
+        monkeypatch.setattr(F, "resize_mask", lambda mask, size, max_size=None: plain(mask, size))
+    monkeypatch.setattr(module, "_RESIZE_MASK_TAKES_MODE", mask_resize_takes_mode)
     sample = make_sample()
     out = build_transforms(False, size, depth_scales_with_zoom=True)(sample)
     assert out["image"].shape == (3, *size)

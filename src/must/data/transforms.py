@@ -25,6 +25,7 @@ view (zoom < 1); resizing alone changes no value. So crop-then-resize equals res
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -177,6 +178,9 @@ def _vertical_flip(inpt: _Dense) -> _Dense:
     return _rewrap(inpt, output)
 
 
+_RESIZE_MASK_TAKES_MODE = "interpolation" in inspect.signature(F.resize_mask).parameters
+
+
 @_register(F.resize)
 def _resize(
     inpt: _Dense,
@@ -185,8 +189,10 @@ def _resize(
     max_size: int | None = None,
     **kwargs: Any,
 ) -> _Dense:
-    # resize_mask coerces every mode but NEAREST_EXACT to NEAREST, exactly as for masks.
-    output = F.resize_mask(_plain(inpt), size, interpolation=interpolation, max_size=max_size)
+    # resize_mask coerces every mode but NEAREST_EXACT to NEAREST, exactly as for masks;
+    # before torchvision 0.29 it takes no mode and always uses NEAREST.
+    mode = {"interpolation": interpolation} if _RESIZE_MASK_TAKES_MODE else {}
+    output = F.resize_mask(_plain(inpt), size, max_size=max_size, **mode)
     return _rewrap(inpt, output)  # same field of view: no zoom
 
 
