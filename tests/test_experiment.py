@@ -158,7 +158,7 @@ def test_bad_experiments_are_refused_naming_the_line(tmp_path, change, message):
 
 
 def test_presets_are_valid_experiments():
-    for name in ("quickstart", "mini", "gpu"):
+    for name in ("quickstart", "mini", "gpu", "gpu_smoke"):
         cfg = load_experiment(name)
         assert cfg.name == name and "transfer" in cfg.stages
 

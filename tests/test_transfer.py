@@ -103,8 +103,8 @@ def test_simclr_views_are_two_different_crops_of_one_image():
     view = simclr_views(ViewsConfig(), 32)
     torch.manual_seed(0)
     a, b = view(image), view(image)
-    assert a.shape == b.shape == (3, 32, 32) and a.dtype == torch.float32
-    assert a.min() >= 0 and a.max() <= 1
+    # uint8 out of the loader (a quarter of float32's shared memory); scaled in the module.
+    assert a.shape == b.shape == (3, 32, 32) and a.dtype == b.dtype == torch.uint8
     assert not torch.equal(a, b)
 
 
