@@ -94,9 +94,7 @@ def multi(root) -> Path:
 
 
 def run(teachers, images, out, **kw):
-    # On the CPU, in fp32, whatever the machine has: the checks compare with fp32 outputs.
-    kw = {"shard_size": SHARD, "batch_size": BATCH, "workers": 0, "progress": False,
-          "device": "cpu", **kw}  # fmt: skip
+    kw = {"shard_size": SHARD, "batch_size": BATCH, "workers": 0, "progress": False, **kw}
     return label_images([str(t) for t in teachers], images, out, **kw)
 
 
