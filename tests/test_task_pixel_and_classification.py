@@ -308,6 +308,21 @@ def test_depth_metric_on_known_values_excludes_invalid_pixels():
     assert out["delta3"] == pytest.approx(1.0)
 
 
+def test_depth_metric_separates_global_scale_from_structure():
+    metric = DepthMetric()
+    gt = torch.tensor([[2.0, 4.0, 8.0, 0.0], [1.0, 1.0, 1.0, 1.0]]).view(2, 1, 1, 4)
+    # Image 0: half the true depth everywhere (pure scale error; its invalid pixel is ignored).
+    # Image 1: ratios g/p of 2, 1, 1, 1/2: median 1 (the lower middle), so aligning leaves it
+    # as it is and only the two exact pixels are within 1.25.
+    pred = torch.tensor([[1.0, 2.0, 4.0, 5.0], [0.5, 1.0, 1.0, 2.0]]).view(2, 1, 1, 4)
+    metric.update(pred, {"depth": gt, "present": torch.tensor([True, True])})
+    out = {k: float(v) for k, v in metric.compute().items()}
+    assert out["delta1"] == pytest.approx(2 / 7)
+    assert out["delta1_aligned"] == pytest.approx(5 / 7)
+    # log(g/p): three times log 2 (image 0), then log 2, 0, 0, -log 2.
+    assert out["scale_gt_over_pred"] == pytest.approx(2 ** (3 / 7))
+
+
 def test_depth_metric_pools_pixels_over_updates():
     g = torch.Generator().manual_seed(0)
     pred = torch.rand(4, 1, 5, 6, generator=g) * 5 + 0.1

@@ -109,14 +109,20 @@ def silog_loss(
 class DepthMetric(Metric):
     """Depth errors over every valid pixel of the set (pooled sums, not a mean of per-image
     means): ``abs_rel`` = mean |p-g|/g, ``rmse`` = sqrt(mean (p-g)^2) in metres, ``delta1/2/3``
-    = fraction of pixels with max(p/g, g/p) < 1.25, 1.25^2, 1.25^3. Valid: g > 0."""
+    = fraction of pixels with max(p/g, g/p) < 1.25, 1.25^2, 1.25^3. Valid: g > 0.
+
+    Two diagnostics separate a global scale error from a structural one:
+    ``scale_gt_over_pred`` = geometric mean of g/p (1: unbiased; above 1: predictions too
+    near), and ``delta1_aligned`` = delta1 after each image's prediction is multiplied by its
+    median g/p (the median-scaling protocol of relative-depth evaluation, Zhou et al. 2017)."""
 
     full_state_update = False
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         # float64 sums: millions of pixels per set would lose digits in float32.
-        for name in ("count", "abs_rel", "sq", "delta1", "delta2", "delta3"):
+        names = ("count", "abs_rel", "sq", "delta1", "delta2", "delta3", "aligned", "log_ratio")
+        for name in names:
             self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, predictions: torch.Tensor, target: Any) -> None:
@@ -134,6 +140,14 @@ class DepthMetric(Metric):
         self.delta1 += (ratio < 1.25).sum()
         self.delta2 += (ratio < 1.25**2).sum()
         self.delta3 += (ratio < 1.25**3).sum()
+        # Per image: log(g/p) minus its median, i.e. after median scaling (NaN marks invalid).
+        b = gt.shape[0] if gt.dim() > 1 else 1
+        log_ratio = torch.full_like(gt, math.nan)
+        log_ratio[valid] = g.log() - p.log()
+        log_ratio = log_ratio.reshape(b, -1)
+        aligned = log_ratio - log_ratio.nanmedian(dim=1, keepdim=True).values
+        self.aligned += (aligned.abs() < math.log(1.25)).sum()  # NaN compares False
+        self.log_ratio += (g.log() - p.log()).sum()
 
     def compute(self) -> dict[str, torch.Tensor]:
         n = self.count  # 0 -> NaN everywhere: nothing was scored
@@ -143,6 +157,8 @@ class DepthMetric(Metric):
             "delta1": self.delta1 / n,
             "delta2": self.delta2 / n,
             "delta3": self.delta3 / n,
+            "delta1_aligned": self.aligned / n,
+            "scale_gt_over_pred": (self.log_ratio / n).exp(),
         }
 
 
