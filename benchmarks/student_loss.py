@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from must.config import StudentConfig, load_config
+from must.evaluate import evaluate
 from must.student import train_student
 
 SETTINGS = {
@@ -23,6 +24,14 @@ SETTINGS = {
     "depth4": ["loss.hand.depth=4"],
     "depth10": ["loss.hand.depth=10"],
     "uncertainty": ["loss.kind=uncertainty"],
+    # Depth targets keep their values under crop zoom (see docs/student.md, "Depth's scale").
+    "depth4_fixed_scale": ["loss.hand.depth=4", "data.augment.depth_scales_with_zoom=false"],
+    # ... and detection's training set drawn 1.5 times as often as each other store.
+    "depth4_fixed_scale_det1.5": [
+        "loss.hand.depth=4",
+        "data.augment.depth_scales_with_zoom=false",
+        "data.store_weights=[1,1,1.5,1,1]",
+    ],
 }
 SCHEDULE = ["train.max_steps=400", "train.val_every=400", "train.warmup_steps=50"]
 COLUMNS = {
@@ -31,6 +40,9 @@ COLUMNS = {
     ("segmentation", "miou"): "↑",
     ("depth", "delta1"): "↑",
     ("depth", "abs_rel"): "↓",
+    # Diagnostics: 1 = no global scale error; delta1 after per-image median scaling.
+    ("depth", "scale_gt_over_pred"): "→1",
+    ("depth", "delta1_aligned"): "↑",
 }
 STORES = ("pool", "classification", "detection", "segmentation", "depth")
 
@@ -52,11 +64,17 @@ def main() -> None:
             "train_student_cpu",
             [f"data.stores={json.dumps(stores)}", *SCHEDULE, *overrides],
         )
-        info = train_student(cfg, work / "sweep" / name, progress=False)["info"]
+        run = work / "sweep" / name
+        info = train_student(cfg, run, progress=False)["info"]
+        # Evaluated here, not read from the summary, so runs made before the diagnostics
+        # existed get them too (same checkpoint, same split).
+        depth_val = evaluate(run, info["evaluated_on"]["depth"], "val", progress=False)["depth"]
+        val = {f"{t}/{m}": v for t, metrics in info["val"].items() for m, v in metrics.items()}
+        val |= {f"depth/{m}": v for m, v in depth_val.items()}
         results[name] = {
             "overrides": overrides,
             "loss_weighting": info["loss_weighting"],
-            "val": {f"{t}/{m}": info["val"][t][m] for t, m in COLUMNS},
+            "val": {f"{t}/{m}": val[f"{t}/{m}"] for t, m in COLUMNS},
         }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +88,9 @@ def main() -> None:
         "at the checkpoint chosen on validation. One run per setting: differences of a few "
         "hundredths are within run-to-run noise.",
         "",
-        "| setting | overrides | " + " | ".join(f"{t} {m} {d}" for (t, m), d in COLUMNS.items()),
+        "| setting | overrides | "
+        + " | ".join(f"{t} {m} {d}" for (t, m), d in COLUMNS.items())
+        + " |",
         "|---|---|" + "---:|" * len(COLUMNS),
     ]
     for name, r in results.items():
