@@ -131,3 +131,21 @@ def test_store_weights_set_each_stores_share_of_draws_whatever_its_size():
     assert shares.tolist() == pytest.approx([0.25, 0.25, 0.5], abs=0.01)
     with pytest.raises(ConfigError, match="one positive weight per store"):
         store_sampler(sizes, [1.0, 0.0, 1.0])
+
+
+def test_joined_sources_are_drawn_uniformly_over_images_by_default():
+    from must.student import joined_sampler
+
+    sizes = [100, 900, 50]
+    bounds = torch.tensor([100, 1000])
+    early = torch.zeros(3)
+    for seed in range(40):
+        epoch = list(joined_sampler(sizes, None, seed))
+        assert sorted(epoch) == list(range(1050))  # every image once per epoch
+        # Shuffled across sources, not one after the other: already the first tenth of an
+        # epoch holds each source in proportion to its size.
+        early += torch.bincount(
+            torch.bucketize(torch.tensor(epoch[:105]), bounds, right=True), minlength=3
+        )
+    shares = (early / early.sum()).tolist()
+    assert shares == pytest.approx([100 / 1050, 900 / 1050, 50 / 1050], abs=0.015)

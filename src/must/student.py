@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, WeightedRandomSampler
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    Subset,
+    WeightedRandomSampler,
+)
 
 from must.checkpoint import SUMMARY_FILE, initialise, save_model
 from must.config import DataConfig, StudentConfig, dump_yaml
@@ -156,6 +164,14 @@ def make_weighting(
     return w, w.describe()
 
 
+def joined_sampler(sizes: list[int], weights: list[float] | None, seed: int = 0) -> Sampler[int]:
+    """Draws over the concatenated sources: uniform over images (each once per epoch, in a
+    seeded shuffle, so each source comes up in proportion to its size) unless ``weights``."""
+    if weights is not None:
+        return store_sampler(sizes, weights, seed)
+    return RandomSampler(range(sum(sizes)), generator=torch.Generator().manual_seed(seed))
+
+
 def store_sampler(sizes: list[int], weights: list[float], seed: int = 0) -> WeightedRandomSampler:
     """Draw store ``i`` with probability ``weights[i] / sum(weights)`` whatever its size
     (images within a store uniformly); one epoch is as many draws as there are images."""
@@ -199,19 +215,15 @@ def train_student(
     sources: list[Dataset] = [first_images(s, f) for s, f in zip(stores, fractions, strict=True)]
     sources += datasets
     joined = ConcatDataset(sources)
-    sampler = None
-    if cfg.data.store_weights is not None:
-        sampler = store_sampler([len(s) for s in sources], cfg.data.store_weights, tc.seed)
     train_loader = DataLoader(
         joined,
         batch_size=tc.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
+        sampler=joined_sampler([len(s) for s in sources], cfg.data.store_weights, tc.seed),
         drop_last=len(joined) >= tc.batch_size,
         num_workers=cfg.data.num_workers,
         collate_fn=Collator(tasks),
         persistent_workers=cfg.data.num_workers > 0,
-        generator=torch.Generator().manual_seed(tc.seed),
+        generator=torch.Generator().manual_seed(tc.seed),  # workers' augmentation seeds
     )
 
     # Checkpoints are selected on, and finally tested on, each teacher's own val/test splits
