@@ -141,13 +141,13 @@ class DepthMetric(Metric):
         self.delta2 += (ratio < 1.25**2).sum()
         self.delta3 += (ratio < 1.25**3).sum()
         # Per image: log(g/p) minus its median, i.e. after median scaling (NaN marks invalid).
-        b = gt.shape[0] if gt.dim() > 1 else 1
-        log_ratio = torch.full_like(gt, math.nan)
-        log_ratio[valid] = g.log() - p.log()
-        log_ratio = log_ratio.reshape(b, -1)
-        aligned = log_ratio - log_ratio.nanmedian(dim=1, keepdim=True).values
+        log_ratio = g.log() - p.log()
+        self.log_ratio += log_ratio.sum()
+        per_image = torch.full_like(gt, math.nan)
+        per_image[valid] = log_ratio
+        per_image = per_image.reshape(gt.shape[0] if gt.dim() > 1 else 1, -1)
+        aligned = per_image - per_image.nanmedian(dim=1, keepdim=True).values
         self.aligned += (aligned.abs() < math.log(1.25)).sum()  # NaN compares False
-        self.log_ratio += (g.log() - p.log()).sum()
 
     def compute(self) -> dict[str, torch.Tensor]:
         n = self.count  # 0 -> NaN everywhere: nothing was scored
