@@ -330,19 +330,19 @@ def _add_label_parser(verbs: argparse._SubParsersAction) -> None:
     run.add_argument("--render-size", type=int, default=64, help="render size for a style")
     run.add_argument("--seed", type=int, default=0, help="render seed for a style")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    run.set_defaults(func=_cmd_label_run)
+    run.set_defaults(func=_cmd_label_run, outputs={"out": "dir"})
 
     show = actions.add_parser("show", help="draw images of a store with their labels (PNG)")
     show.add_argument("store", help="store folder")
     show.add_argument("--num", type=int, default=8, help="images to draw (default 8)")
     show.add_argument("--out", default=None, help="PNG path (default STORE/preview.png)")
     show.add_argument("--image-root", default=None, help="where the images are, if they moved")
-    show.set_defaults(func=_cmd_label_show)
+    show.set_defaults(func=_cmd_label_show, outputs={"out": "file"})
 
     stats = actions.add_parser("stats", help="print per-task statistics of a store")
     stats.add_argument("store", help="store folder")
     stats.add_argument("--json", default=None, help="also write the statistics to this file")
-    stats.set_defaults(func=_cmd_label_stats)
+    stats.set_defaults(func=_cmd_label_stats, outputs={"json": "file"})
 
 
 def _training_verb(
@@ -356,7 +356,7 @@ def _training_verb(
     verb.add_argument("--out", required=True, help=out_help)
     verb.add_argument("--overwrite", action="store_true", help="replace a run of another config")
     verb.add_argument("--quiet", action="store_true", help="no progress bars")
-    verb.set_defaults(func=func)
+    verb.set_defaults(func=func, outputs={"out": "dir"})
     return verb
 
 
@@ -398,14 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a dataset rendered with other settings"
     )
     render.add_argument("--quiet", action="store_true", help="no progress bar")
-    render.set_defaults(func=_cmd_data_render)
+    render.set_defaults(func=_cmd_data_render, outputs={"out": "dir"})
 
     show = data_verbs.add_parser("show", help="draw samples with their labels into a PNG grid")
     show.add_argument("dataset", help="dataset folder (manifest.json or dataset.yaml)")
     show.add_argument("--split", default="train")
     show.add_argument("--num", type=int, default=8, help="samples to draw (default 8)")
     show.add_argument("--out", default=None, help="PNG path (default DATASET/preview-SPLIT.png)")
-    show.set_defaults(func=_cmd_data_show)
+    show.set_defaults(func=_cmd_data_show, outputs={"out": "file"})
 
     check = data_verbs.add_parser(
         "check", help="decode every file of a split and report bad samples (exit 1 if any)"
@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--render-size", type=int, default=64, help="render size for a style")
     ev.add_argument("--cache", default="runs/data", help="where styles are rendered")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
-    ev.set_defaults(func=_cmd_eval)
+    ev.set_defaults(func=_cmd_eval, outputs={"json": "file"})
 
     _add_label_parser(verbs)
 
@@ -493,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="run folder")
     run.add_argument("--only", nargs="+", default=None, metavar="STAGE", help="run these stages")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.set_defaults(func=_cmd_run)
+    run.set_defaults(func=_cmd_run, outputs={"out": "dir"})
 
     report = verbs.add_parser(
         "report",
@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("runs", nargs="+", help="run folders of must run (one per seed)")
     report.add_argument("--out", default=None, help="report folder (default: the first run)")
-    report.set_defaults(func=_cmd_report)
+    report.set_defaults(func=_cmd_report, outputs={"out": "dir"})
 
     export = verbs.add_parser(
         "export", help="write a checkpoint's backbone as a plain safetensors state dict"
@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="checkpoint directory (or its model.pt)")
     export.add_argument("--out", required=True, help="output .safetensors file")
     export.add_argument("--with-fpn", action="store_true", help="include the FPN (prefix fpn.)")
-    export.set_defaults(func=_cmd_export)
+    export.set_defaults(func=_cmd_export, outputs={"out": "file"})
     return parser
 
 
@@ -530,10 +530,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
+        check_outputs(args)
         return args.func(args)
     except MustError as err:
         print(f"must: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # A write or read the checks above could not foresee (a folder made read-only
+        # meanwhile, a full disk): one line naming the file, not a traceback.
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"must: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("must: interrupted (re-run the same command to resume)", file=sys.stderr)
+        return 130
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse unusable output paths before any work starts (see ``must.paths``)."""
+    from must.paths import output_dir, output_file
+
+    for attr, kind in getattr(args, "outputs", {}).items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            (output_dir if kind == "dir" else output_file)(value)
 
 
 if __name__ == "__main__":

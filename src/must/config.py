@@ -168,25 +168,56 @@ class SimCLRConfig(_Strict):
 C = TypeVar("C", bound=BaseModel)
 
 
+def parse_value(text: str) -> Any:
+    """One override value. Numbers, booleans, ``null`` and flow lists/mappings (``[p2, p3]``,
+    ``{a: 1}``) or quoted strings are YAML; anything else is taken literally, so a path keeps
+    a ``#`` or a ``: `` that YAML would read as a comment or a mapping."""
+    stripped = text.strip()
+    if not stripped:
+        return None
+    if stripped[:1] in ("[", "{", "'", '"'):
+        return yaml.safe_load(stripped)
+    try:
+        value = yaml.safe_load(stripped)
+    except yaml.YAMLError:
+        return text
+    if value is None and stripped not in ("null", "Null", "NULL", "~"):
+        return text  # only a comment to YAML: keep what was typed
+    return value if isinstance(value, (bool, int, float)) or value is None else text
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["train.lr=0.1", "model.heads.detection.levels=[p2,p3]"]`` -> nested dict (values
-    parsed as YAML, so numbers, lists and null work)."""
+    """``["train.lr=0.1", "model.heads.detection.levels=[p2,p3]"]`` -> nested dict (see
+    :func:`parse_value` for how values are read)."""
     out: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=0.05")
         key, value = item.split("=", 1)
-        node = out
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: {key!r} is not a dotted key like train.lr")
+        node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is set twice")
         try:
-            node[parts[-1]] = yaml.safe_load(value)
+            node[parts[-1]] = parse_value(value)
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
     return out
+
+
+def _leaf_paths(tree: dict[str, Any], prefix: tuple = ()) -> set[tuple]:
+    """The key paths of a nested dict's values (which config keys the command line set)."""
+    paths = set()
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            paths |= _leaf_paths(value, (*prefix, key))
+        else:
+            paths.add((*prefix, key))
+    return paths
 
 
 def load_config(
@@ -214,13 +245,13 @@ def load_config(
             raise ConfigError(f"{file}: a config must be a mapping of keys")
         raw = loaded
     raw = deep_merge(raw, merge or {})
-    raw = deep_merge(raw, parse_overrides(overrides or []))
+    cli = parse_overrides(overrides or [])
+    raw = deep_merge(raw, cli)
     try:
         return kind.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(
-            f"{where}: invalid config:\n{describe_validation_error(err, lines)}"
-        ) from err
+        detail = describe_validation_error(err, lines, from_command_line=_leaf_paths(cli))
+        raise ConfigError(f"{where}: invalid config:\n{detail}") from err
 
 
 def yaml_lines(text: str) -> dict[tuple, int]:

@@ -30,14 +30,20 @@ def nearest_line(lines: dict[tuple, int], loc: tuple) -> int | None:
     return None
 
 
-def describe_validation_error(err, lines: dict[tuple, int] | None = None) -> str:
+def describe_validation_error(
+    err, lines: dict[tuple, int] | None = None, from_command_line: set[tuple] | None = None
+) -> str:
     """One line per invalid field of a pydantic ValidationError, naming the dotted key and,
-    given ``lines`` (key path -> line in the YAML file), the nearest line it comes from."""
+    given ``lines`` (key path -> line in the YAML file), the nearest line it comes from; a key
+    (or a parent of it) in ``from_command_line`` is said to come from the command line."""
     out = []
     for e in err.errors():
         loc = tuple(e["loc"])
         where = ".".join(str(p) for p in loc) or "(top level)"
-        line = nearest_line(lines or {}, loc)
-        at = f"line {line}: " if line is not None and lines else ""
+        if any(loc[:n] in (from_command_line or ()) for n in range(1, len(loc) + 1)):
+            at = "command line: "
+        else:
+            line = nearest_line(lines or {}, loc)
+            at = f"line {line}: " if line is not None and lines else ""
         out.append(f"  {at}{where}: {e['msg']}")
     return "\n".join(out)
