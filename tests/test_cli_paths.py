@@ -135,3 +135,14 @@ def test_bad_override_value_is_reported_against_the_command_line():
 def test_malformed_override_keys_are_refused(bad):
     with pytest.raises(ConfigError, match="override"):
         parse_overrides([bad])
+
+
+def test_head_settings_are_checked_with_the_config_before_any_work(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            TeachConfig,
+            "teach_segmentation_cpu",
+            [f"data.dataset={tmp_path / 'missing'}", "model.heads.segmentation.hiden=3"],
+        )
+    assert "model.heads: Value error, segmentation: hiden: Extra inputs" in str(err.value)
+    assert "command line" in str(err.value)

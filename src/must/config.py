@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from must.data.styles import deep_merge
 from must.errors import ConfigError, describe_validation_error
@@ -45,6 +52,22 @@ class ModelConfig(_Strict):
     backbone: BackboneConfig = BackboneConfig()
     # Per-task head settings, e.g. {"detection": {"levels": ["p2", "p3"]}}.
     heads: dict[TaskName, dict[str, Any]] = {}
+
+    @field_validator("heads")
+    @classmethod
+    def _head_settings_are_valid(cls, heads: dict[str, dict[str, Any]]) -> dict:
+        # Checked with the config, so a typo stops the run before data is rendered or read.
+        from must.tasks import TASK_TYPES
+
+        for name, settings in heads.items():
+            try:
+                TASK_TYPES[name].config_type.model_validate(settings)
+            except ValidationError as err:
+                detail = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+                )
+                raise ValueError(f"{name}: {detail}") from None
+        return heads
 
 
 class TrainConfig(_Strict):

@@ -40,10 +40,12 @@ def describe_validation_error(
     for e in err.errors():
         loc = tuple(e["loc"])
         where = ".".join(str(p) for p in loc) or "(top level)"
-        if any(loc[:n] in (from_command_line or ()) for n in range(1, len(loc) + 1)):
+        cli = from_command_line or set()
+        line = nearest_line(lines or {}, loc)
+        at = f"line {line}: " if line is not None and lines else ""
+        if any(loc[:n] in cli for n in range(1, len(loc) + 1)):
             at = "command line: "
-        else:
-            line = nearest_line(lines or {}, loc)
-            at = f"line {line}: " if line is not None and lines else ""
+        elif any(key[: len(loc)] == loc for key in cli):  # a check over several keys
+            at = f"command line or {at}" if at else "command line: "
         out.append(f"  {at}{where}: {e['msg']}")
     return "\n".join(out)
