@@ -99,19 +99,24 @@ def _cmd_teach(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from must.evaluate import evaluate, format_table
+    from must.evaluate import NothingToMeasure, evaluate, format_table
 
-    results = evaluate(
-        args.checkpoint,
-        args.data,
-        split=args.split,
-        batch_size=args.batch_size,
-        num=args.num,
-        render_size=args.render_size,
-        cache=args.cache,
-        image_size=args.image_size,
-        progress=not args.quiet,
-    )
+    try:
+        results = evaluate(
+            args.checkpoint,
+            args.data,
+            split=args.split,
+            batch_size=args.batch_size,
+            num=args.num,
+            render_size=args.render_size,
+            cache=args.cache,
+            image_size=args.image_size,
+            progress=not args.quiet,
+        )
+    except NothingToMeasure as err:
+        if err.results:  # what was measured is shown; the run still fails
+            print(format_table(err.results))
+        raise
     print(format_table(results))
     if args.json:
         _write_json(args.json, results)

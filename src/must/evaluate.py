@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -10,7 +11,8 @@ from tqdm import tqdm
 from must.checkpoint import load_model
 from must.config import DataConfig
 from must.data.readers import MultiTaskDataset
-from must.errors import ConfigError
+from must.errors import ConfigError, DataError
+from must.tasks.base import Task
 from must.train.data import make_dataset, make_loader, prepare_dataset
 
 
@@ -38,9 +40,10 @@ def evaluate(
     dataset = make_dataset(root, split, cfg, train=False)
     shared = [t for t in model.tasks if t in dataset.tasks]
     if not shared:
+        unusable = "".join(f"; {t}: {why}" for t, why in dataset.unusable.items())
         raise ConfigError(
             f"{dataset.manifest}: split {split!r} has labels for {dataset.tasks or 'no task'}, "
-            f"the checkpoint predicts {list(model.tasks)}: nothing to evaluate"
+            f"the checkpoint predicts {list(model.tasks)}: nothing to evaluate{unusable}"
         )
     for name in shared:
         mine, theirs = model.tasks[name].classes, dataset.classes.get(name)
@@ -48,7 +51,9 @@ def evaluate(
             raise ConfigError(
                 f"{dataset.manifest}: {name} classes {theirs} do not match the checkpoint's {mine}"
             )
-    return run_metrics(model, dataset, shared, batch_size, progress)
+    results = run_metrics(model, dataset, shared, batch_size, progress)
+    check_measured(results, {t: model.tasks[t] for t in shared}, dataset)
+    return results
 
 
 @torch.inference_mode()
@@ -70,6 +75,52 @@ def run_metrics(
         for name, metric in metrics.items()
         if metric.update_called
     }
+
+
+class NothingToMeasure(DataError):
+    """Some task of an evaluation had nothing valid to score; ``results`` holds the tasks
+    that were measured."""
+
+    def __init__(self, path: str | Path, problem: str, results: dict) -> None:
+        super().__init__(path, problem)
+        self.results = results
+
+
+# Why a task can have no defined metric although its images were read.
+_NOTHING_VALID = {
+    "classification": "no image has a class label",
+    "detection": "no image has a ground-truth box",
+    "segmentation": "every label pixel is the ignore value",
+    "depth": "no label pixel holds a valid depth (> 0)",
+    "normals": "every label pixel is (0, 0, 0), the invalid normal",
+}
+
+
+def is_undefined(value: float) -> bool:
+    """NaN (nothing was scored) or -1 (COCO's mark of an undefined AP/AR); the primary metric
+    of every task is otherwise >= 0."""
+    return math.isnan(value) or value == -1
+
+
+def check_measured(results: dict[str, dict[str, float]], tasks: dict[str, Task], dataset) -> None:
+    """Raise :class:`NothingToMeasure` for each task with no labelled image in the split or
+    an undefined primary metric, instead of returning NaN or an empty table."""
+    problems, good = [], {}
+    for name, task in tasks.items():
+        values = results.get(name)
+        if values is None:
+            problems.append(f"{name}: no image of the split has a {name} label")
+        elif is_undefined(values[task.primary_metric]):
+            problems.append(f"{name}: nothing valid to measure, {_NOTHING_VALID[name]}")
+        else:
+            good[name] = values
+    if problems:
+        raise NothingToMeasure(
+            dataset.manifest,
+            f"split {dataset.split!r}: " + "; ".join(problems) + " (fix the labels, or "
+            "evaluate another split with --split)",
+            good,
+        )
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

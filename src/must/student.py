@@ -20,13 +20,21 @@ from torch.utils.data import (
 
 from must.checkpoint import SUMMARY_FILE, initialise, save_model
 from must.config import DataConfig, StudentConfig, dump_yaml
-from must.data.readers import MultiTaskDataset
+from must.data.readers import MultiTaskDataset, skip_report
 from must.errors import ConfigError
 from must.models.model import MultiTaskModel
 from must.store.dataset import StoreDataset
 from must.tasks import build_task
 from must.teach import claim_output
-from must.train.data import Collator, augmentation, make_dataset, make_loader, prepare_dataset
+from must.train.data import (
+    Collator,
+    augmentation,
+    check_train_size,
+    make_dataset,
+    make_loader,
+    prepare_dataset,
+    print_notes,
+)
 from must.train.fit import fit_and_test
 from must.train.module import MultiTaskModule
 from must.train.weighting import (
@@ -62,7 +70,11 @@ def open_datasets(cfg: StudentConfig, progress: bool) -> list[MultiTaskDataset]:
         )
         ds = make_dataset(prepare_dataset(dcfg, progress), "train", dcfg, train=True)
         if not ds.tasks:
-            raise ConfigError(f"data.datasets.{i}: {ds.manifest} has no labels to train on")
+            why = "; ".join(ds.unusable.values())
+            raise ConfigError(
+                f"data.datasets.{i}: {ds.manifest} has no labels to train on"
+                + (f" (unusable: {why})" if why else "")
+            )
         out.append(ds)
     return out
 
@@ -219,7 +231,7 @@ def train_student(
         joined,
         batch_size=tc.batch_size,
         sampler=joined_sampler([len(s) for s in sources], cfg.data.store_weights, tc.seed),
-        drop_last=len(joined) >= tc.batch_size,
+        drop_last=check_train_size(len(joined), tc.batch_size, "the joined training set"),
         num_workers=cfg.data.num_workers,
         collate_fn=Collator(tasks),
         persistent_workers=cfg.data.num_workers > 0,
@@ -229,6 +241,7 @@ def train_student(
     # Checkpoints are selected on, and finally tested on, each teacher's own val/test splits
     # (for a task no teacher labelled: the val/test splits of the dataset that has it).
     val_loaders, test_loaders, eval_sets = [], [], {}
+    read: list[MultiTaskDataset] = list(datasets)
     own = {t: str(d.manifest.parent) for d in reversed(datasets) for t in d.tasks}
     for name in names:
         if name in teachers:
@@ -240,6 +253,7 @@ def train_student(
         dcfg = DataConfig(dataset=dataset, image_size=cfg.data.image_size)
         for split, loaders in (("val", val_loaders), ("test", test_loaders)):
             ds = make_dataset(Path(dataset), split, dcfg, train=False)
+            read.append(ds)
             loaders.append(make_loader(ds, {name: tasks[name]}, tc.batch_size, 0, False))
         eval_sets[name] = dataset
     if not val_loaders:
@@ -247,8 +261,12 @@ def train_student(
             "no dataset found to validate the student on (stores name no teacher with a "
             "summary.json and no labelled dataset is joined)"
         )
+    print_notes(read)
     module = MultiTaskModule(model, tc, weighting)
     result = fit_and_test(module, train_loader, val_loaders, test_loaders, tc, out, progress)
+    skipped = [{"split": d.split, "path": p, "reason": r} for d in read for p, r in d.skipped]
+    if skipped:
+        print(skip_report(read))
     info: dict[str, Any] = {
         "stage": "student" if stores else "multitask",
         # As a teacher for a next round, the student's scale is the same for every task.
@@ -267,6 +285,7 @@ def train_student(
         "loss_weighting": resolved | {"final": weighting.describe()},
         "init": started,
         "evaluated_on": eval_sets,
+        "skipped": skipped,
         **result,
         "config": cfg.model_dump(mode="json"),
     }

@@ -11,11 +11,11 @@ import yaml
 
 from must.checkpoint import SUMMARY_FILE, initialise, save_model
 from must.config import TeachConfig, dump_yaml
-from must.data.readers import MultiTaskDataset
+from must.data.readers import MultiTaskDataset, skip_report
 from must.errors import ConfigError
 from must.models.model import MultiTaskModel
 from must.tasks import build_task
-from must.train.data import make_dataset, make_loader, prepare_dataset
+from must.train.data import make_dataset, make_loader, prepare_dataset, print_notes, require_task
 from must.train.fit import CHECKPOINT_DIR, fit_and_test
 from must.train.module import MultiTaskModule
 
@@ -79,11 +79,7 @@ def teach(
         return json.loads((out / SUMMARY_FILE).read_text())
     root = prepare_dataset(cfg.data, progress=progress)
     train_set = make_dataset(root, "train", cfg.data, train=True)
-    if cfg.task not in train_set.tasks:
-        raise ConfigError(
-            f"{train_set.manifest}: the train split has no {cfg.task} labels "
-            f"(it has: {', '.join(train_set.tasks) or 'no labels'})"
-        )
+    require_task(train_set, cfg.task, f"it has: {', '.join(train_set.tasks) or 'no labels'}")
     classes = train_set.classes.get(cfg.task)
     task = build_task(cfg.task, classes, cfg.model.heads.get(cfg.task))
     splits = train_set.spec.splits
@@ -95,6 +91,8 @@ def teach(
     if test_set is not None:
         check_classes(test_set, cfg.task, task.classes, "test")
 
+    read = [d for d in (train_set, val_set, test_set) if d is not None]
+    print_notes(read)
     model = MultiTaskModel(cfg.model.backbone, {cfg.task: task})
     started = initialise(model, cfg.init, heads=stage != "transfer") if cfg.init else None
     if cfg.freeze_backbone:
@@ -110,6 +108,8 @@ def teach(
         else None,
     ]
     result = fit_and_test(module, *loaders, tc, out, progress=progress)
+    if any(d.skipped for d in read):
+        print(skip_report(read))
     info: dict[str, Any] = {
         "stage": stage,
         "init": started,
@@ -125,7 +125,7 @@ def teach(
             }
         },
         "image_size": cfg.data.image_size,
-        "skipped": [list(s) for s in train_set.skipped],
+        "skipped": [{"split": d.split, "path": p, "reason": r} for d in read for p, r in d.skipped],
         **result,
         "config": cfg.model_dump(mode="json"),
     }

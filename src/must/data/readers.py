@@ -40,6 +40,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 # box is clipped (real COCO has boxes overshooting by fractions of a pixel).
 BOX_TOLERANCE = 1.0
 _DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_GREY16_MODES = _DEPTH_MODES
+_MAX_UINT16 = 65535
 _SEG_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I;16N", "I")
 _FILE_TASKS = ("segmentation", "depth", "normals")
 _MAX_LISTED_SKIPS = 50
@@ -67,6 +69,12 @@ class _Boxes:
     labels: np.ndarray  # (N,) int64
     segs: list  # per annotation: None (use the box), a list of polygons, or an RLE dict
     checked: bool  # boxes already checked against the image size
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    """The first ``limit`` names, and how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _is_number(v: Any) -> bool:
@@ -104,13 +112,38 @@ def _pixels(img: Image.Image, path: Path, what: str) -> np.ndarray:
         ) from err
 
 
+def _grey16_to_rgb(img: Image.Image, path: Path) -> np.ndarray:
+    """A 16-bit greyscale image (mode I;16*, or I holding 16-bit values) scaled by the type's
+    range to 8 bits, ``round(v * 255 / 65535)``: PIL's own conversion would clip at 255."""
+    grey = np.asarray(img).astype(np.int64)
+    if grey.size and (grey.min() < 0 or grey.max() > _MAX_UINT16):
+        raise DataError(
+            path,
+            f"image of mode {img.mode} has values {grey.min()}..{grey.max()}, outside the "
+            "16-bit range 0..65535; save it as an 8- or 16-bit image",
+        )
+    grey8 = ((grey * 255 + _MAX_UINT16 // 2) // _MAX_UINT16).astype(np.uint8)
+    return np.repeat(grey8[..., None], 3, axis=-1)
+
+
 def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; grayscale, palette and alpha images are converted."""
+    """(H, W, 3) uint8 RGB; grayscale, palette and alpha images are converted, 16-bit
+    greyscale is scaled to 8 bits by its range; float images (mode F) are refused."""
     try:
         with Image.open(path) as img:
+            if img.mode in _GREY16_MODES:
+                return _grey16_to_rgb(img, path)
+            if img.mode == "F":
+                raise DataError(
+                    path,
+                    "image of mode F (32-bit float) has no fixed value range to map to 8 bits; "
+                    "save it as an 8- or 16-bit image",
+                )
             if img.mode != "RGB":
                 img = img.convert("RGB")
             return np.array(img)
+    except DataError:
+        raise
     except Exception as err:
         raise DataError(path, f"corrupt or unreadable image ({type(err).__name__}: {err})") from err
 
@@ -316,7 +349,8 @@ class MultiTaskDataset(Dataset):
         self.transform = transform
         self.on_error = on_error
         self.skipped: list[tuple[str, str]] = []
-        self.notes: list[str] = []
+        self.notes: list[str] = []  # warnings: legal but suspicious data
+        self.unusable: dict[str, str] = {}  # task -> why its labels could not be used at all
         self.crowd_ignored = 0
         self.source = spec.splits[split]
         self.tasks = [t for t in self.source.tasks() if tasks is None or t in tasks]
@@ -325,6 +359,7 @@ class MultiTaskDataset(Dataset):
         self._det: dict[str, _Boxes] = {}
         self._det_json: Path | None = None
         self._bad: set[str] = set()  # keys whose sample is dropped
+        self._no_labels_noted: set[str] = set()
 
         entries = self._index_images()
         if "classification" in self.tasks:
@@ -337,8 +372,21 @@ class MultiTaskDataset(Dataset):
         self._entries = [e for e in entries.values() if e.key not in self._bad]
         if on_error == "skip":
             self._validate(show_progress)
+        self._warn_suspicious()
 
     # ----------------------------------------------------------------------------- indexing
+
+    def _warn_suspicious(self) -> None:
+        """Notes on data that is legal but probably not what was meant."""
+        names = self.classes.get("classification")
+        if "classification" in self.tasks and names is not None and len(names) == 1:
+            self.notes.append(
+                f"classification: a single class ({names[0]!r}): this trains a classifier of "
+                "one class, which learns nothing (one folder per class is expected)"
+            )
+        for task, n in self.label_counts().items():
+            if n == 0 and task not in self._no_labels_noted:
+                self.notes.append(f"{task}: no image of split {self.split!r} has a {task} label")
 
     def _problem(self, path: Path | str, problem: str) -> None:
         """Raise in raise mode; in skip mode, record it (the caller drops the bad part)."""
@@ -361,15 +409,20 @@ class MultiTaskDataset(Dataset):
         return found
 
     def _by_stem(self, files: list[Path], what: str) -> dict[str, Path]:
-        """Stem -> file; a stem found twice is a problem (in skip mode the stem is dropped)."""
-        out: dict[str, Path] = {}
+        """Stem -> file; a stem found twice is a problem (in skip mode the stem is dropped,
+        and for images each of its files is listed: every dropped image is counted)."""
+        groups: dict[str, list[Path]] = {}
         for path in files:
-            first = out.get(path.stem)
-            if first is None:
-                out[path.stem] = path
+            groups.setdefault(path.stem, []).append(path)
+        out: dict[str, Path] = {}
+        for stem, paths in groups.items():
+            out[stem] = paths[0]
+            if len(paths) == 1:
                 continue
-            self._problem(path, f"duplicate {what} file stem {path.stem!r}: {first} and {path}")
-            self._bad.add(path.stem)
+            problem = f"duplicate {what} file stem {stem!r}: {' and '.join(map(str, paths))}"
+            for path in paths[1:] if what != "image" else paths:
+                self._problem(path, problem)
+            self._bad.add(stem)
         return out
 
     def _label_roots(self) -> set[Path]:
@@ -388,6 +441,7 @@ class MultiTaskDataset(Dataset):
         if not root.is_dir():
             raise DataError(root, "images folder not found")
         files = self._walk(root, IMAGE_EXTENSIONS, self._label_roots())
+        self.num_found = len(files)
         if not files:
             raise DataError(
                 root, f"no image files ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found"
@@ -456,18 +510,31 @@ class MultiTaskDataset(Dataset):
         if not root.is_dir():
             msg = f"{task}: label folder {root} not found; no image has {task} labels"
             self.notes.append(msg)
+            self._no_labels_noted.add(task)
             warnings.warn(msg, stacklevel=3)
             return
         ext = ".npy" if getattr(src, "format", "png") == "npy" else ".png"
-        files = self._by_stem(self._walk(root, (ext,), set()), f"{task} label")
+        every = self._walk(root, ("",), set())
+        files = self._by_stem([f for f in every if f.suffix.lower() == ext], f"{task} label")
         for stem, path in files.items():
             entry = entries.get(stem)
             if entry is not None:
                 entry.files[task] = path
+        # A label file of another format for an image of this split would otherwise be
+        # ignored without a word (e.g. a depth .npy where the source says png16).
+        for path in every:
+            if path.suffix.lower() != ext and path.stem in entries and path.stem not in files:
+                self._problem(
+                    path,
+                    f"{task} label file is not a {ext} file (the dataset description says "
+                    f"{task} format {src.format!r}): convert it, or change the format",
+                )
+                self._bad.add(path.stem)
 
     def _fail_detection(self, path: Path, problem: str) -> None:
         """The annotation file is unusable: raise, or (skip mode) drop detection altogether."""
         self._problem(path, problem)
+        self.unusable["detection"] = f"{path}: {problem}"
         self.tasks.remove("detection")
         self._det.clear()
         self.classes.pop("detection", None)
@@ -557,18 +624,25 @@ class MultiTaskDataset(Dataset):
                 f"none of its {len(stems)} images matches an image file under "
                 f"{self.images_root} (matched by file stem)",
             )
-        if matched < len(stems):
+        missing = [name for stem, name in stems.items() if stem not in entries]
+        if missing:
             self.notes.append(
-                f"detection: {len(stems) - matched} image(s) of {path.name} not found under "
-                f"{self.images_root} (ignored)"
+                f"detection: {len(missing)} image file(s) listed in {path.name} not found under "
+                f"{self.images_root} (their annotations are ignored): {_listing(missing)}"
             )
 
         # Annotations.
+        ann_ids: set = set()
         for i, ann in enumerate(raw["annotations"]):
             if not isinstance(ann, dict) or "id" not in ann:
                 self._problem(path, f"annotation #{i}: missing required field 'id'")
                 continue
             where = f"annotation id {ann['id']}"
+            key = json.dumps(ann["id"])  # ids may be any JSON value; 1 and "1" differ
+            if key in ann_ids:
+                self._problem(path, f"{where} is listed twice (again at annotation #{i})")
+                continue
+            ann_ids.add(key)
             if ann.get("iscrowd", 0):
                 self.crowd_ignored += 1
                 continue
@@ -807,13 +881,38 @@ class MultiTaskDataset(Dataset):
                 if self.crowd_ignored:
                     line += f", {self.crowd_ignored} crowd annotations ignored"
             lines.append(line)
-        lines.extend(f"  note: {n}" for n in self.notes)
+        lines.extend(f"  warning: {n}" for n in self.notes)
         if self.skipped:
-            lines.append(f"  skipped {len(self.skipped)}:")
-            for path, reason in self.skipped[:_MAX_LISTED_SKIPS]:
-                lines.append(f"    {path}: {reason}")
-            if len(self.skipped) > _MAX_LISTED_SKIPS:
-                lines.append(f"    ... and {len(self.skipped) - _MAX_LISTED_SKIPS} more")
+            lines.append(f"  skipped {len(self.skipped)} ({self.dropped_text()}):")
+            lines.extend(f"    {line}" for line in _listed(self.skipped))
         else:
             lines.append("  nothing skipped")
         return "\n".join(lines)
+
+    @property
+    def num_dropped(self) -> int:
+        """Image files found but left out (bad image or label files, duplicate stems)."""
+        return self.num_found - len(self)
+
+    def dropped_text(self) -> str:
+        return f"{self.num_dropped} of {self.num_found} images dropped"
+
+
+def _listed(skipped: list[tuple[str, str]], limit: int = _MAX_LISTED_SKIPS) -> list[str]:
+    lines = [f"{path}: {reason}" for path, reason in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"... and {len(skipped) - limit} more")
+    return lines
+
+
+def skip_report(datasets: list[MultiTaskDataset]) -> str:
+    """What skip mode dropped from these datasets (one line per problem, by split), for the
+    end of a run; empty when nothing was skipped."""
+    lines = []
+    for ds in datasets:
+        if ds.skipped:
+            lines.append(
+                f"{ds.name} [{ds.split}]: skipped {len(ds.skipped)} ({ds.dropped_text()}):"
+            )
+            lines.extend(f"  {line}" for line in _listed(ds.skipped))
+    return "\n".join(lines)

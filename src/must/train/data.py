@@ -11,6 +11,7 @@ from must.config import AugmentConfig, DataConfig
 from must.data.readers import MultiTaskDataset
 from must.data.spec import MANIFEST_NAMES
 from must.data.transforms import build_transforms
+from must.errors import ConfigError, DataError
 from must.tasks.base import Batch, Task
 
 
@@ -24,6 +25,12 @@ def prepare_dataset(cfg: DataConfig, progress: bool = True) -> Path:
     into the cache (reused by every later run with the same settings)."""
     if is_dataset_folder(cfg.dataset):
         return Path(cfg.dataset)
+    if Path(cfg.dataset).is_dir():
+        raise ConfigError(
+            f"{cfg.dataset}: this folder has no {' or '.join(MANIFEST_NAMES[:2])} describing "
+            "its splits and labels; write a dataset.yaml (see docs/data.md, 'Your own data'), "
+            "or give a scene-world style name"
+        )
     from must.data.render import render_dataset
     from must.data.styles import load_style
 
@@ -70,10 +77,56 @@ def augmentation(aug: AugmentConfig, image_size: int, train: bool):
 
 
 def make_dataset(root: Path, split: str, cfg: DataConfig, train: bool) -> MultiTaskDataset:
+    """A split's reader; in skip mode (``cfg.skip_bad``) a split left with no sample stops here
+    with the first reasons, not later in the loader."""
     transform = augmentation(cfg.augment, cfg.image_size, train)
-    return MultiTaskDataset(
+    dataset = MultiTaskDataset(
         root, split=split, transform=transform, on_error="skip" if cfg.skip_bad else "raise"
     )
+    if len(dataset) == 0:
+        reasons = "; ".join(f"{p}: {r}" for p, r in dataset.skipped[:3])
+        more = f" (and {len(dataset.skipped) - 3} more)" if len(dataset.skipped) > 3 else ""
+        raise DataError(
+            dataset.manifest,
+            f"all {dataset.num_found} samples of split {split!r} were dropped: {reasons}{more}",
+        )
+    return dataset
+
+
+def require_task(dataset: MultiTaskDataset, task: str, what: str) -> None:
+    """Refuse a split without ``task``'s labels, saying why when its label file was unusable
+    (skip mode keeps going without it)."""
+    if task in dataset.tasks:
+        return
+    why = dataset.unusable.get(task)
+    raise ConfigError(
+        f"{dataset.manifest}: the {dataset.split} split has no {task} labels "
+        + (f"(its annotation file is unusable: {why})" if why else f"({what})")
+    )
+
+
+def print_notes(datasets: list[MultiTaskDataset]) -> None:
+    """Print the warnings of the datasets a run reads (data that is legal but suspicious)."""
+    for ds in datasets:
+        for note in ds.notes:
+            print(f"warning: {ds.name} [{ds.split}]: {note}")
+
+
+def check_train_size(size: int, batch_size: int, what: str) -> bool:
+    """Whether to drop the last training batch. BatchNorm cannot normalise a batch of one
+    image, so a partial last batch is dropped (a set smaller than a batch is one batch) and a
+    set of one image, or batches of one, are refused."""
+    if batch_size < 2:
+        raise ConfigError(
+            f"train.batch_size is {batch_size}; training needs at least 2 images per batch "
+            "(BatchNorm cannot normalise a batch of one image)"
+        )
+    if size < 2:
+        raise ConfigError(
+            f"{what} has {size} image(s); training needs at least 2 (BatchNorm cannot "
+            "normalise a batch of one image)"
+        )
+    return size >= batch_size
 
 
 def make_loader(
@@ -85,11 +138,17 @@ def make_loader(
     seed: int = 0,
 ) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
+    drop_last = False
+    if train:
+        what = "the training set"
+        if isinstance(dataset, MultiTaskDataset):
+            what = f"{dataset.manifest}: split {dataset.split!r}"
+        drop_last = check_train_size(len(dataset), batch_size, what)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=train,
-        drop_last=train and len(dataset) >= batch_size,
+        drop_last=drop_last,
         num_workers=num_workers,
         collate_fn=Collator(tasks),
         persistent_workers=num_workers > 0,
