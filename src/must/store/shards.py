@@ -677,8 +677,8 @@ def _writer_gone(tmp: Path) -> bool:
     """True when the process that named ``tmp`` is known to have ended (same host, no such
     pid); False when it runs, or runs on another host, or the name does not say."""
     m = _TMP_OWNER.search(tmp.name)
-    if m is None or (m["host"] is not None and m["host"] != _HOST):
-        return False
+    if m is None or (m["host"] is not None and m["host"] != _HOST) or os.name == "nt":
+        return False  # (on Windows, os.kill would end the process rather than ask about it)
     pid = int(m["pid"])
     if pid == os.getpid():
         return False
