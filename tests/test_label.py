@@ -459,3 +459,120 @@ def test_normals_have_no_store_encoding(root, pool):
     save_model(model, root / "normals", {"image_size": INPUT_PX})
     with pytest.raises(ConfigError, match="none of its tasks"), pytest.warns(UserWarning):
         run([root / "normals"], pool, root / "nostore")
+
+
+def test_linked_image_files_and_folders_are_labelled_where_they_are_walked(root, pool, multi):
+    images = sorted((pool / "images" / "train").glob("*.png"))
+    elsewhere = root / "elsewhere"
+    (elsewhere / "more").mkdir(parents=True)
+    for i, p in enumerate(images):
+        shutil.copy(p, elsewhere / ("more" if i >= 8 else "") / p.name)
+    tree = root / "linked"
+    tree.mkdir()
+    for p in images[:8]:
+        (tree / p.name).symlink_to(elsewhere / p.name)
+    (tree / "sub").symlink_to(elsewhere / "more", target_is_directory=True)
+    (elsewhere / "more" / "up").symlink_to(tree, target_is_directory=True)  # a loop: walked once
+    out = root / "linked-store"
+    result = run([multi], tree, out)
+    assert result.complete and result.records == POOL_SIZE and not result.skipped
+    locations = json.loads((out / "images.json").read_text())
+    assert locations["root"] == str(tree)
+    assert locations["paths"][images[0].stem] == images[0].name
+    assert locations["paths"][images[-1].stem] == f"sub/{images[-1].name}"
+    dataset = StoreDataset(out)
+    assert len(dataset) == POOL_SIZE and dataset[POOL_SIZE - 1]["key"] == images[-1].stem
+
+    # A dataset folder whose image files are links: the same labels as the real files get.
+    data = root / "linked-data"
+    shutil.copytree(pool, data, ignore=shutil.ignore_patterns("*.png"))
+    for p in images:
+        (data / "images" / "train" / p.name).symlink_to(p)
+    run([multi], data, root / "linked-data-store")
+    assert_same_records(root / "linked-data-store", reference_store(root, pool, multi))
+
+
+def reference_store(root: Path, pool: Path, multi: Path) -> Path:
+    out = root / "reference"
+    if not (out / "manifest.json").exists():
+        run([multi], pool, out)
+    return out
+
+
+def objects_data(root: Path) -> Path:
+    data = root / "objects-base"
+    if not data.exists():
+        tasks = ["classification", "detection", "segmentation", "depth"]
+        render_dataset("objects", data, 6, 32, splits=(1, 0, 0), tasks=tasks, progress=False)
+    return data
+
+
+def _coco_size(data: Path, key: str, masks: bool) -> None:
+    path = data / "detection" / "train.json"
+    coco = json.loads(path.read_text())
+    [image] = [i for i in coco["images"] if Path(i["file_name"]).stem == key]
+    image["width"] += 10
+    if not masks:  # boxes only: the size is compared with the image file when it is read
+        for ann in coco["annotations"]:
+            ann.pop("segmentation", None)
+    path.write_text(json.dumps(coco))
+
+
+def _png(path: Path, array: np.ndarray) -> None:
+    Image.fromarray(array).save(path)
+
+
+BAD_REAL_LABELS = {
+    "class map of another size": lambda d, k: _png(
+        d / "segmentation" / "train" / f"{k}.png", np.zeros((16, 16), np.uint8)
+    ),
+    "colour mask": lambda d, k: _png(
+        d / "segmentation" / "train" / f"{k}.png", np.full((32, 32, 3), 7, np.uint8)
+    ),
+    "class id beyond the vocabulary": lambda d, k: _png(
+        d / "segmentation" / "train" / f"{k}.png", np.full((32, 32), 40, np.uint8)
+    ),
+    "8-bit depth": lambda d, k: _png(
+        d / "depth" / "train" / f"{k}.png", np.full((32, 32), 9, np.uint8)
+    ),
+    "COCO size differs from the file": lambda d, k: _coco_size(d, k, masks=False),
+    "COCO size differs from the file (RLE masks)": lambda d, k: _coco_size(d, k, masks=True),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REAL_LABELS))
+def test_keep_real_applies_the_checks_data_check_applies(root, multi, case, capsys):
+    data = root / f"bad-{len(case)}-{case.split()[0]}"
+    shutil.copytree(objects_data(root), data)
+    key = MultiTaskDataset(data).keys[0]
+    BAD_REAL_LABELS[case](data, key)
+    assert main(["data", "check", str(data)]) == 1
+    reported = {line.split(": ")[0].strip() for line in capsys.readouterr().out.splitlines()}
+    reported = {r for r in reported if r.startswith(str(data))}
+    assert reported, case
+
+    out = root / f"{data.name}-store"
+    code = main(["label", "--teacher", str(multi), "--images", str(data), "--out", str(out),
+                 "--keep-real", "--workers", "0", "--quiet"])  # fmt: skip
+    captured = capsys.readouterr()
+    if code == 2:  # refused as a whole, naming the file, before any store file is written
+        assert any(r in captured.err for r in reported), captured.err
+        assert not out.exists()
+        return
+    assert code == 0
+    assert "1 skipped" in captured.out and any(r in captured.out for r in reported), captured.out
+    store = PseudoLabelStore(out)
+    assert key not in store and len(store) == 5
+    assert any(r in store.skipped[0]["reason"] for r in reported)
+
+
+def test_nothing_is_written_when_the_input_is_refused_before_labelling(root, multi):
+    data = root / "renamed-classes"
+    shutil.copytree(objects_data(root), data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["classes"]["segmentation"][1] = "ground"  # not one of the teacher's classes
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    out = root / "renamed-store"
+    with pytest.raises(ConfigError, match=r"segmentation classes \['ground'\]"):
+        run([multi], data, out, keep_real=True)
+    assert not out.exists() or not any(out.iterdir())

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
+import must.store.shards as shards
 from must.errors import ConfigError, DataError
 from must.store import PseudoLabelStore, Record, ShardWriter, keys_sha256, shard_name
 
@@ -161,7 +162,7 @@ def test_resume_after_crash(tmp_path: Path, records: dict[str, Record]) -> None:
     root = tmp_path / "store"
     w = write_all(root, records, shards=[0, 2])
     # The crash: a temporary left while writing shard 1, a shard 1 without its sidecar.
-    (root / f"{shard_name(1)}.4242-deadbeef.tmp").write_bytes(b"half a shard")
+    (root / f"{shard_name(1)}.{ended_pid()}-deadbeef.tmp").write_bytes(b"half a shard")
     (root / shard_name(1)).write_bytes((root / shard_name(0)).read_bytes())
     with pytest.raises(DataError, match="manifest.json: missing"):
         PseudoLabelStore(root)
@@ -197,6 +198,40 @@ def test_resume_after_crash(tmp_path: Path, records: dict[str, Record]) -> None:
     # A store read while it is written (no manifest yet): sidecars stand in for it.
     (root / "manifest.json").unlink()
     assert len(PseudoLabelStore(root, allow_incomplete=True)) == 10
+
+
+def ended_pid() -> int:
+    """The pid of a process that has ended (and been waited for)."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return int(proc.stdout)
+
+
+def test_finalize_removes_only_temporaries_whose_writer_is_gone(
+    tmp_path: Path, records: dict[str, Record]
+) -> None:
+    root = tmp_path / "store"
+    w = write_all(root, records)
+    host = shards._HOST
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # Another writer of the same shard, still running: its temporary is its own.
+        alive = root / f"{shard_name(1)}.{host}-{running.pid}-0123abcd.tmp"
+        gone = root / f"{shard_name(2)}.{host}-{ended_pid()}-0123abcd.tmp"
+        elsewhere = root / f"{shard_name(0)}.{'f' * 8}-1-0123abcd.tmp"  # another machine's
+        for tmp in (alive, gone, elsewhere):
+            tmp.write_bytes(b"half a shard")
+        assert json.loads(w.finalize().read_text())["complete"]
+        assert alive.exists() and elsewhere.exists() and not gone.exists()
+        hour_ago = os.stat(elsewhere).st_mtime - 7200
+        os.utime(elsewhere, (hour_ago, hour_ago))
+        w.finalize()
+        assert alive.exists() and not elsewhere.exists()
+    finally:
+        running.kill()
+        running.wait()
+    w.finalize()
+    assert not list(root.glob("*.tmp"))
 
 
 def test_two_writers_match_one(tmp_path: Path, records: dict[str, Record]) -> None:

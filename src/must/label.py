@@ -42,8 +42,8 @@ from must.data.readers import IMAGE_EXTENSIONS, MultiTaskDataset, read_image
 from must.errors import ConfigError, DataError
 from must.models.model import MultiTaskModel
 from must.store import ENCODINGS, PseudoLabelStore, Record, ShardWriter
-from must.store.dataset import write_image_locations
-from must.store.shards import sidecar_name
+from must.store.dataset import image_locations, write_image_locations
+from must.store.shards import HEADER_FILE, KEYS_FILE, sidecar_name
 from must.tasks.base import Task, label_size
 
 DEFAULT_BATCH_SIZE = 64
@@ -180,10 +180,18 @@ class ImageSet:
 
 def walk_images(root: Path) -> list[Path]:
     """Image files under ``root`` (any depth, dot files and folders left out), sorted by
-    relative path: the readers' order."""
+    relative path: the readers' order. Linked files and folders are followed; paths are
+    as walked (under ``root``), not resolved; a folder reached twice is walked once."""
     found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    seen = {os.path.realpath(root)}
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        kept = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(folder, d))
+            if not d.startswith(".") and real not in seen:  # a link back up would loop
+                seen.add(real)
+                kept.append(d)
+        dirs[:] = kept
         for name in files:
             if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
                 found.append(Path(folder, name))
@@ -238,11 +246,12 @@ def resolve_images(
     if is_dataset_folder(path):
         tasks = list(keep_real_tasks or [])
         dataset = MultiTaskDataset(path, split=split, tasks=tasks, on_error="raise")
+        # Image paths as the reader walked them (not resolved: linked files stay under root).
         return ImageSet(
             source=str(dataset.manifest.parent.resolve()),
-            root=dataset.images_root.resolve(),
+            root=Path(os.path.abspath(dataset.images_root)),
             keys=dataset.keys,
-            paths=[p.resolve() for p in dataset.image_paths],
+            paths=[Path(os.path.abspath(p)) for p in dataset.image_paths],
             split=split,
             dataset=dataset if tasks else None,
             style=style,
@@ -254,7 +263,7 @@ def resolve_images(
         )
     if not path.is_dir():
         raise ConfigError(f"{path}: not a folder of images nor a dataset folder")
-    root = path.resolve()
+    root = Path(os.path.abspath(path))
     files = walk_images(root)
     if not files:
         raise ConfigError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
@@ -266,7 +275,7 @@ def resolve_images(
                 "are file stems and must be unique"
             )
         seen[f.stem] = f
-    return ImageSet(str(root), root, [f.stem for f in files], files)
+    return ImageSet(str(path.resolve()), root, [f.stem for f in files], files)
 
 
 # --------------------------------------------------------------------------- real labels
@@ -352,7 +361,9 @@ class _Images(Dataset):
             else:
                 image = torch.from_numpy(read_image(path)).permute(2, 0, 1)
         except DataError as err:
-            item["error"] = err.problem
+            # Name the file at fault when it is not the image (a label file, the COCO JSON).
+            same = os.path.abspath(err.path) == os.path.abspath(path)
+            item["error"] = err.problem if same else str(err)
             return item
         except Exception as err:  # anything else still skips this image only, with its reason
             item["error"] = f"{type(err).__name__}: {err}"
@@ -635,9 +646,21 @@ def label_images(
         "images": images_header,
         "shard_size": shard_size,
     }
-    writer = ShardWriter(out, header, image_set.keys, overwrite=overwrite)
+    # Everything that can refuse the input runs before the first store file is written.
+    real = None
+    if keep_real and image_set.dataset is not None:
+        real = RealLabels(image_set.dataset, task_objs, stored["label_scale"])
     extra = {"source": image_set.source, "split": image_set.split, "style": image_set.style}
-    write_image_locations(writer.root, image_set.root, image_set.keys, image_set.paths, extra)
+    locations = image_locations(image_set.root, image_set.keys, image_set.paths, extra)
+    new_store = overwrite or not (Path(out) / HEADER_FILE).is_file()
+    writer = ShardWriter(out, header, image_set.keys, overwrite=overwrite)
+    try:
+        write_image_locations(writer.root, locations)
+    except BaseException:
+        if new_store:  # leave no half-made store behind (a header with nothing else)
+            for name in (HEADER_FILE, KEYS_FILE):
+                (writer.root / name).unlink(missing_ok=True)
+        raise
 
     done = writer.done_shards()
     share = [i for i in range(writer.num_shards) if i % world_size == rank]
@@ -651,9 +674,9 @@ def label_images(
         already_done=len(share) - len(mine),
     )
     if mine:
-        _run(writer, loaded, image_set, task_objs, stored, mine, result,
+        _run(writer, loaded, image_set, real, stored, mine, result,
              batch_size=batch_size, workers=workers, device=_device(device),
-             progress=progress, keep_real=keep_real)  # fmt: skip
+             progress=progress)  # fmt: skip
     result.complete, result.shards_done = _finalize(writer)
     return result
 
@@ -662,7 +685,7 @@ def _run(
     writer: ShardWriter,
     teachers: list[Teacher],
     image_set: ImageSet,
-    task_objs: dict[str, Task],
+    real: RealLabels | None,
     settings: dict[str, Any],
     shards: list[int],
     result: LabelResult,
@@ -671,11 +694,7 @@ def _run(
     workers: int,
     device: torch.device,
     progress: bool,
-    keep_real: bool,
 ) -> None:
-    real = None
-    if keep_real and image_set.dataset is not None:
-        real = RealLabels(image_set.dataset, task_objs, settings["label_scale"])
     sizes = sorted({t.input_size for t in teachers})
     # Batches never span two shards: a shard's batches are the same in every run.
     batches = []

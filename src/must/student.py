@@ -49,6 +49,10 @@ from must.train.weighting import (
 def open_stores(cfg: StudentConfig) -> list[StoreDataset]:
     transform = augmentation(cfg.data.augment, cfg.data.image_size, train=True)
     stores = [StoreDataset(path, transform) for path in cfg.data.stores]
+    for store in stores:
+        # Every shard is checked against its checksum here, once, so that a damaged store is
+        # refused before training (loader workers inherit the result and never re-hash).
+        store.store.check_shards()
     for other in stores[1:]:
         first = stores[0]
         for task in set(first.tasks) | set(other.tasks):

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from must.data.readers import read_image
-from must.errors import DataError
+from must.errors import ConfigError, DataError
 from must.store.shards import PseudoLabelStore
 from must.tasks import build_task
 from must.tasks.base import Task
@@ -33,18 +33,27 @@ IMAGES_FILE = "images.json"
 ORIGIN_KEY = "label_origin"  # sample key: task -> "pseudo" | "real"
 
 
-def write_image_locations(
-    store_root: str | Path, root: Path, keys: Sequence[str], paths: Sequence[Path], extra: dict
-) -> Path:
+def image_locations(
+    root: Path, keys: Sequence[str], paths: Sequence[Path], extra: dict
+) -> dict[str, Any]:
+    """The content of ``images.json``: ``extra``, ``root`` and each key's path relative to it.
+
+    Paths are taken as walked under ``root``, not resolved: an image that is a symbolic link
+    (or lies in a linked folder) keeps its place in the tree, wherever the link points. A path
+    outside ``root`` is a ConfigError (checked before any store file is written).
+    """
+    rel = {}
+    for key, path in zip(keys, paths, strict=True):
+        try:
+            rel[key] = Path(path).relative_to(root).as_posix()
+        except ValueError:
+            raise ConfigError(f"{path}: image {key!r} is not under the image root {root}") from None
+    return {**extra, "root": str(root), "paths": rel}
+
+
+def write_image_locations(store_root: str | Path, content: Mapping[str, Any]) -> Path:
     """Write ``STORE/images.json`` (atomically; left alone when it already says the same)."""
     out = Path(store_root) / IMAGES_FILE
-    content = {
-        **extra,
-        "root": str(root),
-        "paths": {
-            k: Path(p).relative_to(root).as_posix() for k, p in zip(keys, paths, strict=True)
-        },
-    }
     data = (json.dumps(content, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
     if out.is_file() and out.read_bytes() == data:
         return out

@@ -11,7 +11,8 @@ A store is one folder::
 
 ``ShardWriter`` writes shards atomically (temporary name, then rename, sidecar last), so a
 killed run never leaves half a shard and a resumed run skips the shards already done; any
-process can write any shard. ``PseudoLabelStore`` reads a finished store by image key.
+process can write any shard. ``PseudoLabelStore`` reads a finished store by image key and
+checks each shard against the manifest's SHA-256 the first time it opens it.
 
 The reader half of this file needs only the standard library, NumPy and ``safetensors``: copy
 this one file to read a store without the rest of ``must``. The full format is in
@@ -24,6 +25,9 @@ import hashlib
 import json
 import math
 import os
+import re
+import shlex
+import socket
 import time
 import uuid
 from collections import OrderedDict
@@ -132,6 +136,43 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _shard_file_problem(path: Path, entry: Mapping[str, Any]) -> str | None:
+    """Why the shard file at ``path`` is not the one ``entry`` (manifest or sidecar) describes,
+    or None: missing, another size, or another SHA-256."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "file missing"
+    if size != entry["bytes"]:
+        return f"{size} bytes, the manifest says {entry['bytes']}"
+    if file_sha256(path) != entry["sha256"]:
+        return "sha256 differs from the manifest (the file is damaged)"
+    return None
+
+
+def repair_hint(manifest: Mapping[str, Any], root: str | Path) -> str:
+    """How to repair a damaged store: re-run the command that made it, which rewrites only the
+    damaged shards. Spelled out when ``must label`` made the store (its header says all)."""
+    settings, images = manifest.get("settings") or {}, manifest.get("images") or {}
+    teachers = [t.get("path") for t in manifest.get("teachers") or []]
+    if "keep_real" not in settings or not images.get("source") or not all(teachers):
+        return "re-run the command that made the store: it rewrites only the damaged shards"
+    args = ["must", "label"]
+    for path in teachers:
+        args += ["--teacher", str(path)]
+    args += ["--images", str(images["source"])]
+    if "split" in images:
+        args += ["--split", str(images["split"])]
+    args += ["--out", str(root)]
+    for key in ("det_threshold", "seg_threshold", "temperature", "label_scale"):
+        if key in settings:
+            args += ["--" + key.replace("_", "-"), repr(settings[key])]
+    if settings["keep_real"]:
+        args.append("--keep-real")
+    args += ["--shard-size", str(manifest.get("shard_size", DEFAULT_SHARD_SIZE))]
+    return f"repair it by re-running the command that made it: {shlex.join(args)}"
+
+
 def _num_shards(count: int, shard_size: int) -> int:
     return math.ceil(count / shard_size)
 
@@ -210,8 +251,12 @@ class PseudoLabelStore:
 
     A store must be finished (``manifest.json`` with ``complete: true``) unless
     ``allow_incomplete=True``; then the shards written so far are readable, and without a
-    manifest (a run still going) the sidecars are read instead (file sizes checked, not
-    checksums: ``verify()`` does that).
+    manifest (a run still going) the sidecars are read instead.
+
+    Every shard is checked against its SHA-256 (from the manifest, or the sidecar) the first
+    time this process opens it (``check_shard``), so a damaged shard is never served: reading
+    it raises DataError naming the file and the command that repairs it. ``check_shards()``
+    checks them all up front; ``verify()`` also checks their contents.
     """
 
     def __init__(
@@ -262,6 +307,7 @@ class PseudoLabelStore:
         }
         self._open: OrderedDict[int, tuple[Any, dict[str, dict]]] = OrderedDict()
         self._pid = os.getpid()
+        self._checked: set[int] = set()  # shards whose checksum matched (kept across forks)
 
     # -- what is in it
 
@@ -341,6 +387,7 @@ class PseudoLabelStore:
         if hit is not None:
             self._open.move_to_end(index)
             return hit
+        self.check_shard(index)
         path = self.root / shard_name(index)
         try:
             handle = safe_open(str(path), framework="numpy")
@@ -357,6 +404,24 @@ class PseudoLabelStore:
         """Drop the open shard handles (they are reopened on demand)."""
         self._open.clear()
 
+    def check_shard(self, index: int) -> None:
+        """Check shard ``index``'s file against its recorded size and SHA-256, once per
+        process; DataError naming the file and the repair command if it differs."""
+        if index in self._checked:
+            return
+        entry = self._entries[index]
+        path = self.root / entry["file"]
+        problem = _shard_file_problem(path, entry)
+        if problem is not None:
+            raise DataError(path, f"{problem}; {repair_hint(self.manifest, self.root)}")
+        self._checked.add(index)
+
+    def check_shards(self) -> None:
+        """``check_shard`` every shard written (what a reader that will use them all calls
+        before it starts)."""
+        for index in sorted(self._entries):
+            self.check_shard(index)
+
     # -- checks
 
     def verify(self) -> list[str]:
@@ -372,17 +437,11 @@ class PseudoLabelStore:
             if entry is None:
                 problems.append(f"{shard_name(i)}: missing (store incomplete)")
                 continue
-            path = self.root / entry["file"]
-            if not path.is_file():
-                problems.append(f"{entry['file']}: file missing")
+            problem = _shard_file_problem(self.root / entry["file"], entry)
+            if problem is not None:
+                problems.append(f"{entry['file']}: {problem}")
                 continue
-            if path.stat().st_size != entry["bytes"]:
-                problems.append(
-                    f"{entry['file']}: {path.stat().st_size} bytes, manifest says {entry['bytes']}"
-                )
-            if file_sha256(path) != entry["sha256"]:
-                problems.append(f"{entry['file']}: sha256 differs from the manifest")
-                continue
+            self._checked.add(i)
             problems.extend(self._verify_contents(i, entry))
         return problems
 
@@ -603,8 +662,33 @@ def _diff(old: Any, new: Any, where: str = "") -> list[str]:
     return []
 
 
+# Temporaries are named after their writer (host, pid), so that finalize() removes only those
+# whose writer is gone: another writer of the same store may be running at the same time.
+_HOST = hashlib.sha256(socket.gethostname().encode("utf-8")).hexdigest()[:8]
+_TMP_OWNER = re.compile(r"\.(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
 def _tmp_path(path: Path) -> Path:
-    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
+    name = f"{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}"
+    return path.with_name(name)
+
+
+def _writer_gone(tmp: Path) -> bool:
+    """True when the process that named ``tmp`` is known to have ended (same host, no such
+    pid); False when it runs, or runs on another host, or the name does not say."""
+    m = _TMP_OWNER.search(tmp.name)
+    if m is None or (m["host"] is not None and m["host"] != _HOST) or os.name == "nt":
+        return False  # (on Windows, os.kill would end the process rather than ask about it)
+    pid = int(m["pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, OSError):  # someone else's process, or no way to ask
+        return False
+    return False
 
 
 def _fsync(path: Path) -> None:
@@ -709,6 +793,19 @@ class ShardWriter:
             for p in _store_files(self.root):
                 p.unlink(missing_ok=True)
         stored = _read_json(header_path) if header_path.is_file() else None
+        if stored is None:
+            leftovers = [
+                p.name
+                for p in _store_files(self.root)
+                if p.name != KEYS_FILE and not p.name.endswith(_TMP_SUFFIX)
+            ]
+            if leftovers and header_path.is_file():  # another writer created it just now
+                stored = _read_json(header_path)
+            elif leftovers:
+                raise ConfigError(
+                    f"{self.root}: holds store files ({', '.join(leftovers[:3])}...) but no "
+                    f"{HEADER_FILE}; pass overwrite=True to replace them"
+                )
         new = _normalize_header(header, keys, stored)
         if stored is not None:
             diffs = _diff(stored, new)
@@ -724,16 +821,6 @@ class ShardWriter:
                 raise ConfigError(f"{self.root / KEYS_FILE}: differs from the keys given")
             keys = on_disk
         else:
-            leftovers = [
-                p.name
-                for p in _store_files(self.root)
-                if p.name != KEYS_FILE and not p.name.endswith(_TMP_SUFFIX)
-            ]
-            if leftovers:
-                raise ConfigError(
-                    f"{self.root}: holds store files ({', '.join(leftovers[:3])}...) but no "
-                    f"{HEADER_FILE}; pass overwrite=True to replace them"
-                )
             if keys is None:
                 raise ConfigError(f"{self.root}: a new store needs its image list (keys=)")
             # keys.txt first: header.json is what marks the folder as a store.
@@ -913,9 +1000,10 @@ class ShardWriter:
         """Merge the complete shards' sidecars into ``manifest.json`` (written atomically).
 
         ``complete`` is true only when every shard of the image list is there. Temporaries
-        left by killed writers are removed: all of them once the store is complete, else
-        those of finished shards and those older than ``stale_after`` seconds (a younger
-        one may belong to a writer still running).
+        left by killed writers are removed: those whose writer (named in the temporary's name)
+        has ended on this host, and any older than ``stale_after`` seconds. A temporary of a
+        writer still running is its own to rename or remove, even once the store is complete:
+        several processes (ranks, or the same command started twice) may write at once.
         """
         entries = {}
         for i in range(self.num_shards):
@@ -923,16 +1011,13 @@ class ShardWriter:
             if entry is not None:
                 entries[i] = entry
         manifest = _build_manifest(self.header, entries)
-        done_names = {shard_name(i) for i in entries} | {sidecar_name(i) for i in entries}
         now = time.time()
         for tmp in _temporaries(self.root):
-            target = tmp.name.split(".", 2)
-            target_name = ".".join(target[:2])
             try:
                 old = now - tmp.stat().st_mtime > stale_after
-            except FileNotFoundError:
+            except FileNotFoundError:  # its writer renamed or removed it meanwhile
                 continue
-            if manifest["complete"] or target_name in done_names or old:
+            if old or _writer_gone(tmp):
                 tmp.unlink(missing_ok=True)
         path = self.root / MANIFEST_FILE
         _atomic_write(path, _json_bytes(manifest))
