@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -348,3 +349,21 @@ def test_a_folder_of_images_without_description_is_explained(tmp_path, capsys):
     argv = ["teach", "teach_depth_cpu", f"data.dataset={tmp_path / 'photos'}"]
     assert main([*argv, "--out", str(tmp_path / "t"), "--quiet"]) == 2
     assert "no manifest.json or dataset.yaml" in capsys.readouterr().err
+
+
+class _BadImages(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        raise DataError("images/cat/0001.png", "corrupt or unreadable image (OSError: truncated)")
+
+
+def test_a_data_error_in_a_loader_worker_reaches_the_user_as_that_error():
+    # torch re-raises a worker's exception as type(message-with-traceback); the CLI must still
+    # get a DataError naming the file, not a RuntimeError with a traceback.
+    loader = torch.utils.data.DataLoader(_BadImages(), num_workers=1)
+    with pytest.raises(DataError) as err:
+        next(iter(loader))
+    assert err.value.path == "images/cat/0001.png"
+    assert str(err.value) == "images/cat/0001.png: corrupt or unreadable image (OSError: truncated)"

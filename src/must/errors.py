@@ -12,7 +12,13 @@ class MustError(Exception):
 class DataError(MustError, ValueError):
     """A data file or record is unusable; the message names the file and the problem."""
 
-    def __init__(self, path: str | Path, problem: str) -> None:
+    def __init__(self, path: str | Path, problem: str | None = None) -> None:
+        if problem is None:
+            # Rebuilt from one message: a DataLoader worker re-raises ``type(msg)`` with its
+            # whole traceback as the message; keep only the error's own line from it.
+            text = str(path).rstrip().splitlines()[-1] if str(path).strip() else ""
+            text = text.split(f"{type(self).__name__}: ", 1)[-1]
+            path, _, problem = text.partition(": ")
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
