@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="student config overrides")
     args = parser.parse_args()
     teachers_dir, work = Path(args.teachers), Path(args.work)
-    if not all((teachers_dir / t / "model.pt").exists() for t in TASKS):
+    if not all((teachers_dir / t / "model.safetensors").exists() for t in TASKS):
         subprocess.run(
             [sys.executable, "benchmarks/teachers.py", "--work", str(teachers_dir)], check=True
         )

@@ -68,7 +68,7 @@ def finished_run(tmp_path_factory):
 
 
 def mtimes(run: Path) -> dict[str, int]:
-    return {str(p): p.stat().st_mtime_ns for p in run.rglob("model.pt")}
+    return {str(p): p.stat().st_mtime_ns for p in run.rglob("model.safetensors")}
 
 
 def test_a_run_goes_through_every_stage_and_writes_the_report(finished_run):
@@ -89,7 +89,7 @@ def test_a_run_goes_through_every_stage_and_writes_the_report(finished_run):
         "multitask",
         "transfer/student/normals-probe",
     ):
-        assert (run / folder / "model.pt").is_file()
+        assert (run / folder / "model.safetensors").is_file()
     report = (run / "report.md").read_text()
     assert "| scratch |" in report and "| student |" in report
     assert (run / "report.html").is_file() and (run / "report" / "curves.png").is_file()
@@ -130,7 +130,7 @@ def test_a_failed_stage_keeps_earlier_outputs_and_a_rerun_continues(finished_run
     jobs = status["transfer"]["jobs"]
     assert jobs["scratch normals probe"].startswith("skipped")
     assert jobs["student normals probe"].startswith("done")
-    assert (run / "transfer" / "student" / "normals-probe" / "model.pt").is_file()
+    assert (run / "transfer" / "student" / "normals-probe" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize(

@@ -127,9 +127,9 @@ def test_simclr_writes_a_backbone_that_transfer_accepts(world, tmp_path):
     initialise(model, str(tmp_path / "simclr"), heads=False)
     assert torch.equal(model.backbone.body.conv1.weight, pre.backbone.body.conv1.weight)
     # Re-running the same command is a no-op (the backbone is not trained again).
-    before = (tmp_path / "simclr" / "model.pt").stat().st_mtime_ns
+    before = (tmp_path / "simclr" / "model.safetensors").stat().st_mtime_ns
     pretrain_simclr(cfg, tmp_path / "simclr", progress=False)
-    assert (tmp_path / "simclr" / "model.pt").stat().st_mtime_ns == before
+    assert (tmp_path / "simclr" / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_multitask_baseline_trains_on_the_union_of_labelled_sets(world, tmp_path):

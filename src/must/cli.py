@@ -262,6 +262,27 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_model(args: argparse.Namespace) -> int:
+    from must.checkpoint import convert_model
+
+    path = convert_model(args.old, args.out)
+    print(f"wrote {path} (and summary.json beside it)")
+    return 0
+
+
+def _add_convert_parser(verbs: argparse._SubParsersAction) -> None:
+    convert = verbs.add_parser(
+        "convert-model",
+        help="convert a trusted model.pt of an older must into model.safetensors",
+        description="Older versions of must wrote model.pt, a pickle; it is refused because "
+        "loading a pickle can run code. This reads a trusted one with weights_only=True (tensors "
+        "and plain values only) and writes OUT/model.safetensors and OUT/summary.json.",
+    )
+    convert.add_argument("old", help="the old checkpoint directory or its model.pt")
+    convert.add_argument("--out", required=True, help="directory to write (may be the same)")
+    convert.set_defaults(func=_cmd_convert_model, outputs={"out": "dir"})
+
+
 LABEL_ACTIONS = ("run", "show", "stats")
 
 
@@ -287,7 +308,7 @@ def _add_label_parser(verbs: argparse._SubParsersAction) -> None:
         action="append",
         required=True,
         metavar="CKPT",
-        help="teacher checkpoint directory or model.pt (repeat for each teacher)",
+        help="teacher checkpoint directory or model.safetensors (repeat for each teacher)",
     )
     run.add_argument(
         "--images",
@@ -431,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     ev = verbs.add_parser("eval", help="evaluate a checkpoint on a dataset and print a table")
-    ev.add_argument("checkpoint", help="checkpoint directory (or its model.pt)")
+    ev.add_argument("checkpoint", help="checkpoint directory (or its model.safetensors)")
     ev.add_argument("--data", required=True, help="dataset folder or scene-world style name")
     ev.add_argument("--split", default="test", help="split to evaluate (default test)")
     ev.add_argument("--json", default=None, help="also write the metrics to this JSON file")
@@ -482,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument(
         "--backbone",
         required=True,
-        help="a must checkpoint (directory or model.pt), a ResNet state dict file, or random",
+        help="a must checkpoint (directory or model.safetensors), a ResNet state dict file, "
+        "or random",
     )
     transfer.add_argument("--probe", action="store_true", help="freeze the backbone")
 
@@ -511,10 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = verbs.add_parser(
         "export", help="write a checkpoint's backbone as a plain safetensors state dict"
     )
-    export.add_argument("checkpoint", help="checkpoint directory (or its model.pt)")
+    export.add_argument("checkpoint", help="checkpoint directory (or its model.safetensors)")
     export.add_argument("--out", required=True, help="output .safetensors file")
     export.add_argument("--with-fpn", action="store_true", help="include the FPN (prefix fpn.)")
     export.set_defaults(func=_cmd_export, outputs={"out": "file"})
+    _add_convert_parser(verbs)
     return parser
 
 

@@ -9,7 +9,6 @@ backbone-only must checkpoint (no task head) that ``must transfer --backbone`` a
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from must.models.backbone import Backbone
 from must.models.model import MultiTaskModel
 from must.teach import claim_output
 from must.train.data import prepare_dataset
-from must.train.fit import CHECKPOINT_DIR, LAST, make_trainer
+from must.train.fit import fit, make_trainer, train_seconds
 from must.train.module import optimizer_and_schedule
 
 
@@ -91,7 +90,7 @@ def pretrain_simclr(
     cfg: SimCLRConfig, out: str | Path, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
     """Pre-train a backbone with SimCLR on ``cfg.data``'s train images; writes a backbone-only
-    ``model.pt`` + ``summary.json``. Re-running resumes from the last checkpoint."""
+    ``model.safetensors`` + ``summary.json``. Re-running resumes from the last checkpoint."""
     out = Path(out)
     if claim_output(out, dump_yaml(cfg), overwrite):
         print(f"{out}: this backbone is already pre-trained; nothing to do")
@@ -113,10 +112,7 @@ def pretrain_simclr(
     backbone = Backbone(cfg.model.backbone)
     module = SimCLRModule(backbone, cfg)
     trainer = make_trainer(tc, out, progress, select_best=False)
-    last = out / CHECKPOINT_DIR / LAST
-    start = time.perf_counter()
-    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
-    seconds = time.perf_counter() - start
+    resumed_from = fit(trainer, module, out, loader)
     info = {
         "stage": "simclr",
         "training": {},
@@ -129,8 +125,9 @@ def pretrain_simclr(
             "temperature": cfg.temperature,
         },
         "image_size": cfg.data.image_size,
-        "train_seconds": round(seconds, 1),
+        "train_seconds": train_seconds(trainer),
         "steps": int(trainer.global_step),
+        "resumed_from_step": resumed_from,
         "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
         "config": cfg.model_dump(mode="json"),
     }

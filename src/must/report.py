@@ -297,13 +297,13 @@ def example_predictions(model_dir: Path, dataset: str, out: Path, num: int = 3) 
     from PIL import Image
     from torchvision.utils import make_grid
 
-    from must.checkpoint import load_model
+    from must.checkpoint import MODEL_FILE, load_model
     from must.config import AugmentConfig
     from must.data.readers import MultiTaskDataset
     from must.data.show import sample_panels, text_panel
     from must.train.data import augmentation
 
-    if not (model_dir / "model.pt").is_file() or not Path(dataset).exists():
+    if not (model_dir / MODEL_FILE).is_file() or not Path(dataset).exists():
         return None
     model, payload = load_model(model_dir)
     model.eval()

@@ -18,7 +18,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from must.checkpoint import SUMMARY_FILE, initialise, save_model
+from must.checkpoint import SUMMARY_FILE, check_init, initialise, save_model
 from must.config import DataConfig, StudentConfig, dump_yaml
 from must.data.readers import MultiTaskDataset, skip_report
 from must.errors import ConfigError
@@ -125,9 +125,10 @@ def teacher_summaries(stores: list[StoreDataset]) -> dict[str, dict[str, Any]]:
     for ds in stores:
         for teacher in ds.store.teachers:
             summary_file = Path(teacher["path"])
-            summary_file = (
-                summary_file.parent if summary_file.name.endswith(".pt") else summary_file
-            ) / SUMMARY_FILE
+            # The store records the model file (model.safetensors, or an older model.pt).
+            if summary_file.suffix in (".safetensors", ".pt"):
+                summary_file = summary_file.parent
+            summary_file = summary_file / SUMMARY_FILE
             if not summary_file.is_file():
                 continue
             summary = json.loads(summary_file.read_text())
@@ -204,8 +205,10 @@ def store_sampler(sizes: list[int], weights: list[float], seed: int = 0) -> Weig
 def train_student(
     cfg: StudentConfig, out: str | Path, overwrite: bool = False, progress: bool = True
 ) -> dict:
-    """Train the student; writes ``model.pt`` and ``summary.json`` into ``out``."""
+    """Train the student; writes ``model.safetensors`` and ``summary.json`` into ``out``."""
     out = Path(out)
+    if cfg.init is not None:
+        check_init(cfg.init)
     if claim_output(out, dump_yaml(cfg), overwrite):
         print(f"{out}: this student is already trained; nothing to do")
         return json.loads((out / SUMMARY_FILE).read_text())

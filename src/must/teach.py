@@ -9,7 +9,14 @@ from typing import Any
 
 import yaml
 
-from must.checkpoint import SUMMARY_FILE, initialise, save_model
+from must.checkpoint import (
+    MODEL_FILE,
+    OLD_MODEL_FILE,
+    SUMMARY_FILE,
+    check_init,
+    initialise,
+    save_model,
+)
 from must.config import TeachConfig, dump_yaml
 from must.data.readers import MultiTaskDataset, skip_report
 from must.errors import ConfigError
@@ -38,7 +45,14 @@ def claim_output(out: Path, config_text: str, overwrite: bool) -> bool:
                 f"{out}: holds a run with another config ({config_file}); "
                 "resume it with the same config, choose another --out, or pass --overwrite"
             )
-        for name in (CHECKPOINT_DIR, "logs", "tensorboard", SUMMARY_FILE, "model.pt"):
+        for name in (
+            CHECKPOINT_DIR,
+            "logs",
+            "tensorboard",
+            SUMMARY_FILE,
+            MODEL_FILE,
+            OLD_MODEL_FILE,
+        ):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -65,15 +79,15 @@ def teach(
     progress: bool = True,
     stage: str = "teacher",
 ) -> dict:
-    """Train a single-task model for ``cfg.task`` on ``cfg.data``; writes ``model.pt`` and
+    """Train a single-task model for ``cfg.task`` on ``cfg.data``; writes ``model.safetensors`` and
     ``summary.json`` into ``out`` and returns the summary. Re-running the same command
     resumes from the last checkpoint, or returns at once if it had finished.
 
     ``stage="transfer"`` is ``must transfer``: the backbone comes from ``cfg.init`` and the
     head always starts afresh (even when the checkpoint has a head of the same task)."""
     out = Path(out)
-    if cfg.init is not None and not Path(cfg.init).exists():
-        raise ConfigError(f"init: {cfg.init}: no such checkpoint or weights file")
+    if cfg.init is not None:
+        check_init(cfg.init)
     if claim_output(out, dump_yaml(cfg), overwrite):
         print(f"{out}: this {stage} run is already trained; nothing to do")
         return json.loads((out / SUMMARY_FILE).read_text())

@@ -115,10 +115,7 @@ def load_resnet_weights(body: nn.Module, path: str | Path) -> None:
     naming the keys, so a file for another architecture is never half-loaded silently.
     """
     path = Path(path)
-    try:
-        state = _read_state_dict(path)
-    except Exception as err:  # any reader failure is reported with the file
-        raise ConfigError(f"{path}: cannot read weights: {err}") from err
+    state = _read_state_dict(path)
     for prefix in ("backbone.body.", "body.", "module.", "model."):
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -138,13 +135,20 @@ def load_resnet_weights(body: nn.Module, path: str | Path) -> None:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Tensors of a weights file: safetensors, or a torch file read with ``weights_only=True``
+    (never a full unpickling: a file from elsewhere must not run code)."""
+    from must import checkpoint  # the file readers live there (it imports this module)
 
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        checkpoint.read_metadata(path)  # a damaged header: one line naming the file
+        return checkpoint.read_tensors(path)
+    obj = checkpoint.torch_load(path, "weights file")
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith("must-model"):
+        raise ConfigError(checkpoint.old_format_message(path))
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ValueError("expected a state dict")
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(f"{path}: cannot read weights: expected a state dict of tensors")
     return obj

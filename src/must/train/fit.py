@@ -1,27 +1,224 @@
 """Fit a module with Lightning's Trainer: checkpoints every N steps and at the end, resume
 from the last checkpoint, best-on-validation selection, CSV (and TensorBoard) logs, a
-progress bar, mixed precision on GPUs, DDP through the trainer's launcher or torchrun."""
+progress bar, mixed precision on GPUs, DDP through the trainer's launcher or torchrun.
+
+Resuming keeps the history: ``logs/metrics.csv`` keeps the rows logged before the resume point
+and the new ones are appended, and the training time is carried in the checkpoint. Checkpoints
+are only ever read with ``weights_only=True``. SIGINT/SIGTERM stop training at the next batch
+with the last checkpoint intact (re-running resumes from it)."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import logging
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
+from must.checkpoint import torch_load
 from must.config import TrainConfig
-from must.train.module import MultiTaskModule
+from must.errors import ConfigError, MustError
+from must.train.module import MultiTaskModule, NonFiniteLossError
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 BEST = "best.ckpt"
+# Python objects our Lightning checkpoints may name beyond tensors and plain values. Found by
+# loading teacher, student (with learnt loss weights) and SimCLR checkpoints with
+# weights_only=True: none is needed. Anything else a checkpoint names is refused.
+CHECKPOINT_GLOBALS: list[Any] = []
+
+
+class TrainingInterrupted(MustError):
+    """SIGINT or SIGTERM stopped training; the last checkpoint is kept for resuming."""
+
+
+def read_checkpoint(file: Path, restart_hint: bool = True) -> dict[str, Any]:
+    """A Lightning checkpoint read with ``weights_only=True`` (tensors mapped, not copied)."""
+    with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+        try:
+            ckpt = torch_load(file, "checkpoint", mmap=True)
+        except ConfigError as err:
+            if not restart_hint:
+                raise
+            raise ConfigError(
+                f"{err}; delete {file.parent} to restart this run from the beginning"
+            ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"{file}: not a Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
+def resume_point(out_dir: Path) -> tuple[Path | None, int]:
+    """(``last.ckpt`` or None, its global step). The metrics.csv rows of steps from that one on
+    (logged as step - 1) are logged again after resuming."""
+    last = out_dir / CHECKPOINT_DIR / LAST
+    if not last.exists():
+        return None, 0
+    return last, int(read_checkpoint(last).get("global_step", 0))
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; this one keeps its rows logged
+    before ``keep_before`` (a resumed run logs the later ones again) and appends."""
+
+    def __init__(self, log_dir: str, keep_before: int) -> None:
+        self.keep_before = keep_before
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            keys = list(reader.fieldnames or [])
+            rows = [r for r in reader if _step(r) < self.keep_before]
+        if not rows:
+            path.unlink()
+            return
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = sorted(keys)
+
+
+def _step(row: dict[str, str]) -> float:
+    try:
+        return float(row.get("step") or 0)
+    except ValueError:
+        return 0
+
+
+class HistoryCSVLogger(CSVLogger):
+    """``CSVLogger`` that keeps the history of earlier invocations (see ``_AppendingWriter``)."""
+
+    def __init__(self, *args: Any, keep_before: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._keep_before = keep_before
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(self.log_dir, self._keep_before)
+        return self._experiment
+
+
+class TrainClock(Callback):
+    """Seconds spent training, summed over invocations (kept in the checkpoints)."""
+
+    def __init__(self) -> None:
+        self.before = 0.0
+        self.started: float | None = None
+        self.stopped: float | None = None
+
+    def seconds(self) -> float:
+        if self.started is None:
+            return self.before
+        return self.before + (self.stopped or time.perf_counter()) - self.started
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started, self.stopped = time.perf_counter(), None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.stopped = time.perf_counter()
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = float(state_dict.get("seconds", 0.0))
+
+
+class StopOnSignal(Callback):
+    """Turns SIGINT/SIGTERM into a stop at the next batch boundary: the step in flight ends,
+    nothing more is saved, and ``TrainingInterrupted`` names the checkpoint to resume from.
+    (Lightning's own SIGTERM handling, which also runs, exits with status 0 and no word.)"""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals can only be handled in the main thread
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def check(self, trainer: L.Trainer) -> None:
+        if self.received is not None:
+            raise TrainingInterrupted(
+                f"{signal.Signals(self.received).name} received: training stopped at step "
+                f"{trainer.global_step}; {kept_checkpoint(self.out_dir)}"
+            )
+
+    # Checked before a batch, so the previous one is complete: logged and, when due, saved.
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self.check(trainer)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self.check(trainer)
+
+
+def kept_checkpoint(out_dir: Path) -> str:
+    """What a stopped run leaves to resume from, in words."""
+    last = out_dir / CHECKPOINT_DIR / LAST
+    if not last.exists():
+        return "no checkpoint was saved yet (re-running starts from the beginning)"
+    step = int(read_checkpoint(last, restart_hint=False)["global_step"])
+    return f"the last checkpoint, {last} (step {step}), is kept: re-running resumes from it"
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, out_dir: Path, *loaders: Any) -> int | None:
+    """``trainer.fit``, resuming from ``last.ckpt`` when present (read with
+    ``weights_only=True``); returns the step resumed from, or None."""
+    last, step = resume_point(out_dir)
+    stopper = next(c for c in trainer.callbacks if isinstance(c, StopOnSignal))
+    stopper.install()
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            trainer.fit(module, *loaders, ckpt_path=str(last) if last else None, weights_only=True)
+        stopper.check(trainer)  # a signal during the final steps still stops the run
+    except SIGTERMException:  # Lightning's own stop (it exits with status 0): say why instead
+        stopper.check(trainer)
+        raise
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(f"{err}; {kept_checkpoint(out_dir)}") from None
+    finally:
+        stopper.restore()
+    return step if last else None
+
+
+def train_seconds(trainer: L.Trainer) -> float:
+    clock = next(c for c in trainer.callbacks if isinstance(c, TrainClock))
+    return round(clock.seconds(), 1)
 
 
 def resolve_precision(cfg: TrainConfig) -> str:
@@ -62,10 +259,22 @@ def make_trainer(
     best = ModelCheckpoint(
         dirpath=ckpt_dir, filename="best", monitor="val/score", mode="max", save_top_k=1
     )
-    loggers = [CSVLogger(out_dir, name="logs", version="")]
+    _, resume_step = resume_point(out_dir)
+    # Rows are written at each checkpoint, so a killed run loses none it will not redo.
+    flush = cfg.checkpoint_every
+    loggers = [
+        HistoryCSVLogger(
+            out_dir,
+            name="logs",
+            version="",
+            keep_before=resume_step,
+            flush_logs_every_n_steps=flush,
+        )
+    ]
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append(TensorBoardLogger(out_dir, name="tensorboard", version=""))
     callbacks = [periodic, best] if select_best else [periodic]
+    callbacks += [TrainClock(), StopOnSignal(out_dir)]
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=5))
     return L.Trainer(
@@ -103,17 +312,11 @@ def fit_and_test(
     with the best validation score, and evaluate it on validation and test data."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer = make_trainer(cfg, out_dir, progress)
-    last = out_dir / CHECKPOINT_DIR / LAST
-    resumed_from = None
-    if last.exists():
-        resumed_from = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])
-    start = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last.exists() else None)
-    train_seconds = time.perf_counter() - start
+    resumed_from = fit(trainer, module, out_dir, train_loader, val_loader)
+    seconds = train_seconds(trainer)
     best = out_dir / CHECKPOINT_DIR / BEST
     if best.exists():
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
+        module.load_state_dict(read_checkpoint(best, restart_hint=False)["state_dict"])
     trainer.validate(module, val_loader, verbose=False)
     val_metrics = dict(module.last_validation)
     test_metrics = {}
@@ -123,7 +326,7 @@ def fit_and_test(
     return {
         "val": val_metrics,
         "test": test_metrics,
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": seconds,
         "steps": int(trainer.global_step),
         "resumed_from_step": resumed_from,
         "best_checkpoint": best.name if best.exists() else LAST,

@@ -17,7 +17,8 @@ from must.train.weighting import FixedWeights, LossWeighting
 
 
 class NonFiniteLossError(MustError):
-    """A loss became NaN or infinite; training stops and the last good checkpoint is kept."""
+    """A loss became NaN or infinite; training stops (the message says which checkpoint, if
+    any, is left to resume from)."""
 
 
 class MultiTaskModule(L.LightningModule):
@@ -52,7 +53,7 @@ class MultiTaskModule(L.LightningModule):
                     f"loss of task {name!r} is {task_loss.detach().item()} at step "
                     f"{self.global_step} (terms: "
                     f"{ {k: round(float(v.detach()), 4) for k, v in terms.items()} }); "
-                    "training stopped, the last saved checkpoint is kept"
+                    "training stopped"
                 )
             task_losses[name] = task_loss
             if name in batch.targets:
