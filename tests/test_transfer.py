@@ -8,7 +8,7 @@ import torch
 from must.checkpoint import initialise, load_model
 from must.cli import main
 from must.config import SimCLRConfig, StudentConfig, TeachConfig, ViewsConfig, load_config
-from must.errors import ConfigError
+from must.errors import ConfigError, MustError
 from must.models.model import MultiTaskModel
 from must.pretrain import pretrain_simclr, simclr_views
 from must.student import train_student
@@ -173,3 +173,19 @@ def test_a_missing_backbone_is_refused_before_anything_is_written(tmp_path):
     code = main(["transfer", "transfer_cpu", "task=depth", "--backbone", str(tmp_path / "nope"),
                  "--out", str(out), "--quiet"])  # fmt: skip
     assert code == 2 and not out.exists()
+
+
+def test_simclr_nan_loss_stops_with_a_clear_error(world, tmp_path, monkeypatch):
+    _root, cache = world
+    cfg = load_config(
+        SimCLRConfig,
+        "simclr_cpu",
+        [*TINY_MODEL, "train.warmup_steps=1", "train.max_steps=3", "train.val_every=3",
+         "train.batch_size=8", "data.num=20", "data.render_size=32", "data.image_size=32",
+         f"data.cache={cache}"],
+    )  # fmt: skip
+    monkeypatch.setattr(
+        "lightly.loss.NTXentLoss.forward", lambda self, a, b: (a.sum() + b.sum()) * float("nan")
+    )
+    with pytest.raises(MustError, match=r"SimCLR loss is nan at step 0.*no checkpoint was saved"):
+        pretrain_simclr(cfg, tmp_path / "simclr", progress=False)

@@ -25,9 +25,9 @@ from must.data.readers import MultiTaskDataset
 from must.models.backbone import Backbone
 from must.models.model import MultiTaskModel
 from must.teach import claim_output
-from must.train.data import prepare_dataset
+from must.train.data import check_train_size, prepare_dataset
 from must.train.fit import fit, make_trainer, train_seconds
-from must.train.module import optimizer_and_schedule
+from must.train.module import NonFiniteLossError, optimizer_and_schedule
 
 
 def simclr_views(cfg: ViewsConfig, size: int) -> v2.Compose:
@@ -78,7 +78,9 @@ class SimCLRModule(L.LightningModule):
         a, b = (v.float() / 255 for v in batch)
         loss = self.criterion(self.embed(a), self.embed(b))
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"SimCLR loss is {loss.item()} at step {self.global_step}")
+            raise NonFiniteLossError(
+                f"SimCLR loss is {loss.item()} at step {self.global_step}; training stopped"
+            )
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(a))
         return loss
 
@@ -103,7 +105,7 @@ def pretrain_simclr(
         pairs,
         batch_size=tc.batch_size,
         shuffle=True,
-        drop_last=len(pairs) >= tc.batch_size,
+        drop_last=check_train_size(len(pairs), tc.batch_size, f"{root}: split 'train'"),
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
         generator=torch.Generator().manual_seed(tc.seed),
