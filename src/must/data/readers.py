@@ -90,6 +90,13 @@ def _rel_key(path: Path, root: Path) -> str:
     return _strip_ext(path.relative_to(root).as_posix())
 
 
+def image_keys(files: Sequence[Path], root: Path) -> list[str]:
+    """The sample key of each image file under ``root``: its file stem, or, where several of
+    ``files`` share a stem (per-class numbering), its path under ``root`` without extension."""
+    stems = Counter(p.stem for p in files)
+    return [p.stem if stems[p.stem] == 1 else _rel_key(p, root) for p in files]
+
+
 def _strip_ext(rel: str) -> str:
     return posixpath.splitext(rel)[0]
 
@@ -347,6 +354,8 @@ class MultiTaskDataset(Dataset):
     ``skipped`` as (file, reason); ``report()`` summarises.
 
     ``tasks`` restricts the labels read (default: every task the split describes).
+    ``subset`` keeps a seeded random subset of the images (a count, or a fraction in (0, 1]);
+    ``subset`` is then ``{"images", "of", "seed"}`` on the reader, else None.
     """
 
     def __init__(
@@ -520,10 +529,8 @@ class MultiTaskDataset(Dataset):
             raise DataError(
                 root, f"no image files ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found"
             )
-        stems = Counter(p.stem for p in files)
         groups: dict[str, list[Path]] = {}
-        for path in files:
-            key = path.stem if stems[path.stem] == 1 else _rel_key(path, root)
+        for key, path in zip(image_keys(files, root), files, strict=True):
             groups.setdefault(key, []).append(path)
         entries: dict[str, _Entry] = {}
         self._by_rel: dict[str, str] = {}  # path under the images folder, no extension -> key
