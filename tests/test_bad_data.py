@@ -242,10 +242,10 @@ def test_skip_mode_keeps_the_coco_error_when_the_file_is_unusable(tmp_path):
     assert "line 1 column 13" in message
 
 
-def test_skip_counts_every_image_dropped_for_a_repeated_stem(tmp_path, capsys):
+def test_skip_counts_every_image_dropped_for_a_repeated_name(tmp_path, capsys):
     data = make_dataset_folder(tmp_path / "d", {"train": 5})
-    for i in range(4):  # train_0..3 twice: 8 images dropped
-        save_rgb(data / f"img/train/more/train_{i}.jpg", i)
+    for i in range(4):  # train_0..3 as .png and .jpg in one folder: 8 images dropped
+        save_rgb(data / f"img/train/train_{i}.jpg", i)
     ds = MultiTaskDataset(data, on_error="skip")
     assert ds.keys == ["train_4"] and ds.num_found == 9 and ds.num_dropped == 8
     assert len(ds.skipped) == 8 and all("duplicate image" in r for _, r in ds.skipped)

@@ -581,9 +581,19 @@ def test_unusable_coco_file(tmp_path, text, word):
     assert ds.skipped[0][0].endswith("ann.json") and word in ds.skipped[0][1]
 
 
-def test_duplicate_stem(tmp_path):
+def test_repeated_stem_in_another_folder_is_keyed_by_path(tmp_path):
     finish(tmp_path, base_dataset(tmp_path))
     save_rgb(tmp_path / "img/more/b.jpg", H, W)
+    ds = load_all(tmp_path, "skip")
+    assert ds.skipped == [] and ds.keys == ["a", "b", "c", "more/b"]
+    # The labels of b (flat label folders, COCO file_name b.png) are b.png's, by path.
+    assert "depth" in ds[1] and "boxes" in ds[1]
+    assert {"depth", "boxes", "segmentation"}.isdisjoint(ds[3])
+
+
+def test_same_name_with_two_extensions(tmp_path):
+    finish(tmp_path, base_dataset(tmp_path))
+    save_rgb(tmp_path / "img/b.jpg", H, W)
     with pytest.raises(DataError) as err:
         MultiTaskDataset(tmp_path)
     assert "b.png" in str(err.value) and "b.jpg" in str(err.value)

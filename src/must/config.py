@@ -46,6 +46,29 @@ class DataConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
     num_workers: int = Field(0, ge=0)
     skip_bad: bool = False  # count and report bad samples instead of stopping
+    # Part of a dataset folder: N images (an int) or a fraction (a float in (0, 1]) of each
+    # split, or per split ({train: 5000, val: 0.1}; splits not named are used whole). A
+    # seeded random subset: subset_seed always picks the same images. (num only counts
+    # images rendered from a style.)
+    subset: int | float | dict[str, int | float] | None = None
+    subset_seed: int = 0
+
+    @field_validator("subset")
+    @classmethod
+    def _subset_is_a_count_or_fraction(cls, subset: Any) -> Any:
+        values = subset.values() if isinstance(subset, dict) else [subset]
+        for v in values:
+            if isinstance(v, bool) or (isinstance(v, int) and v < 1):
+                raise ValueError(f"{v!r}: a subset is a number of images >= 1 or a fraction")
+            if isinstance(v, float) and not 0 < v <= 1:
+                raise ValueError(f"{v!r}: a subset fraction is in (0, 1]")
+        return subset
+
+    def subset_of(self, split: str) -> int | float | None:
+        """The subset setting of one split (None: every image)."""
+        if isinstance(self.subset, dict):
+            return self.subset.get(split)
+        return self.subset
 
 
 class ModelConfig(_Strict):

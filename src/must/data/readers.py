@@ -5,19 +5,27 @@ The same reader serves rendered data and real data in the formats people already
 ImageFolder trees, COCO JSON from annotation tools (RLE, uncompressed RLE or polygon masks),
 VOC/ADE-style PNG class maps and NYU/KITTI-style 16-bit depth PNGs.
 
-Images are every image file under the split's images folder (recursively, sorted by relative
-path; dot files and folders, and label folders nested inside, are left out); a sample's key
-is its file stem, and the labels of the other tasks are found by that stem. Labels are
-partial: an image without a label file for a task simply has no entry for it.
+Images are every image file under the split's images folder (recursively, following
+symbolic links, sorted by relative path; dot files and folders, and label folders nested
+inside, are left out). A sample's key is its file stem, or, for images of the split that share
+a stem (CIFAR-style ``cat/0001.png``, ``dog/0001.png``), its path under the images folder
+without extension (``cat/0001``). A label file is matched to an image by its path under the
+label folder (a tree mirroring the images folder), else by file stem when that names one
+image; COCO ``file_name`` likewise. Labels are partial: an image without a label file for a
+task simply has no entry for it.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import math
 import os
+import posixpath
 import warnings
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +39,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from tqdm import tqdm
 
-from must.data.spec import TASKS, find_manifest, load_spec
+from must.data.spec import TASKS, SplitSpec, find_manifest, load_spec
 from must.data.transforms import Depth, Normals
 from must.errors import ConfigError, DataError
 
@@ -75,6 +83,22 @@ def _listing(names: list[str], limit: int = 5) -> str:
     """The first ``limit`` names, and how many more."""
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def _rel_key(path: Path, root: Path) -> str:
+    """``path`` under ``root`` without its extension, '/'-separated: ``cat/0001``."""
+    return _strip_ext(path.relative_to(root).as_posix())
+
+
+def image_keys(files: Sequence[Path], root: Path) -> list[str]:
+    """The sample key of each image file under ``root``: its file stem, or, where several of
+    ``files`` share a stem (per-class numbering), its path under ``root`` without extension."""
+    stems = Counter(p.stem for p in files)
+    return [p.stem if stems[p.stem] == 1 else _rel_key(p, root) for p in files]
+
+
+def _strip_ext(rel: str) -> str:
+    return posixpath.splitext(rel)[0]
 
 
 def _is_number(v: Any) -> bool:
@@ -181,8 +205,15 @@ def read_segmentation(
     return seg
 
 
-def read_depth(path: Path, image_size: tuple[int, int], scale: float) -> np.ndarray:
-    """(H, W) float32 metres from a 16-bit PNG; 0 stays 0 (invalid)."""
+def read_depth(
+    path: Path,
+    image_size: tuple[int, int],
+    scale: float,
+    invalid: Sequence[int] = (),
+    max_depth: float | None = None,
+) -> np.ndarray:
+    """(H, W) float32 metres from a 16-bit PNG; 0 stays 0 (invalid), and so do the raw values
+    in ``invalid`` and depths beyond ``max_depth`` metres."""
     with _open_label(path, "depth") as img:
         if img.mode not in _DEPTH_MODES:
             raise DataError(
@@ -191,7 +222,12 @@ def read_depth(path: Path, image_size: tuple[int, int], scale: float) -> np.ndar
             )
         _check_size(path, "depth", img.size, image_size)
         value = _pixels(img, path, "depth")
-    return value.astype(np.float32) / np.float32(scale)
+    depth = value.astype(np.float32) / np.float32(scale)
+    if len(invalid):
+        depth[np.isin(value, invalid)] = 0
+    if max_depth is not None:
+        depth[depth > max_depth] = 0
+    return depth
 
 
 def read_normals(path: Path, image_size: tuple[int, int]) -> np.ndarray:
@@ -318,6 +354,8 @@ class MultiTaskDataset(Dataset):
     ``skipped`` as (file, reason); ``report()`` summarises.
 
     ``tasks`` restricts the labels read (default: every task the split describes).
+    ``subset`` keeps a seeded random subset of the images (a count, or a fraction in (0, 1]);
+    ``subset`` is then ``{"images", "of", "seed"}`` on the reader, else None.
     """
 
     def __init__(
@@ -328,6 +366,8 @@ class MultiTaskDataset(Dataset):
         on_error: Literal["raise", "skip"] = "raise",
         tasks: list[str] | None = None,
         show_progress: bool = False,
+        subset: int | float | None = None,
+        subset_seed: int = 0,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -358,6 +398,10 @@ class MultiTaskDataset(Dataset):
         self.classes: dict[str, list[str]] = {}
         self._det: dict[str, _Boxes] = {}
         self._det_json: Path | None = None
+        self._seg: dict[str, _Boxes] = {}  # segmentation rasterised from COCO
+        self._seg_json: Path | None = None
+        self._seg_background = 0
+        self._json: dict[Path, Any] = {}  # COCO files read once per reader
         self._bad: set[str] = set()  # keys whose sample is dropped
         self._no_labels_noted: set[str] = set()
 
@@ -366,15 +410,56 @@ class MultiTaskDataset(Dataset):
             self._index_classification(entries)
         for task in _FILE_TASKS:
             if task in self.tasks:
-                self._index_label_files(task, entries)
+                if task == "segmentation" and self.source.segmentation.format == "coco":
+                    self._index_coco_segmentation(entries)
+                else:
+                    self._index_label_files(task, entries)
         if "detection" in self.tasks:
             self._index_detection(entries)
+        self._json.clear()
         self._entries = [e for e in entries.values() if e.key not in self._bad]
+        self.subset: dict[str, int] | None = None
+        self.num_unselected = 0
+        if subset is not None:
+            self._take_subset(subset, subset_seed)
         if on_error == "skip":
             self._validate(show_progress)
         self._warn_suspicious()
 
     # ----------------------------------------------------------------------------- indexing
+
+    def _take_subset(self, subset: int | float, seed: int) -> None:
+        """Keep a random subset of the indexed images: ``subset`` images (an int) or that
+        fraction of them (a float in (0, 1]). The draw ranks keys by a seeded hash, so a seed
+        always picks the same images, and adding files to the folder keeps most of them."""
+        available = len(self._entries)
+        if isinstance(subset, float):
+            if not 0 < subset <= 1:
+                raise ConfigError(f"subset fraction must be in (0, 1], got {subset}")
+            wanted = max(1, round(available * subset))
+        else:
+            if subset < 1:
+                raise ConfigError(f"subset must be at least 1 image, got {subset}")
+            wanted = subset
+        if wanted < available:
+            rank = sorted(
+                range(available),
+                key=lambda i: hashlib.blake2b(
+                    f"{seed}\0{self._entries[i].key}".encode(), digest_size=8
+                ).digest(),
+            )
+            chosen = set(rank[:wanted])
+            self._entries = [e for i, e in enumerate(self._entries) if i in chosen]
+        self.num_unselected = available - len(self._entries)
+        self.subset = {"images": len(self._entries), "of": available, "seed": seed}
+
+    @property
+    def subset_text(self) -> str | None:
+        """``random subset of K of N images (seed S)``, or None when every image is used."""
+        if self.subset is None:
+            return None
+        s = self.subset
+        return f"random subset of {s['images']} of {s['of']} images (seed {s['seed']})"
 
     def _warn_suspicious(self) -> None:
         """Notes on data that is legal but probably not what was meant."""
@@ -396,9 +481,21 @@ class MultiTaskDataset(Dataset):
 
     def _walk(self, root: Path, extensions: tuple[str, ...], prune: set[Path]) -> list[Path]:
         """Files under ``root`` with one of ``extensions`` (any case), sorted by relative path;
-        dot files and folders and the folders in ``prune`` are left out."""
+        dot files and folders and the folders in ``prune`` are left out. Symbolic links to
+        files and folders are followed (each real folder is entered once: no loops); the paths
+        returned stay under ``root`` as written, links unresolved."""
         found = []
-        for folder, dirs, files in os.walk(root):
+        visited: set[tuple[int, int]] = set()
+        for folder, dirs, files in os.walk(root, followlinks=True):
+            try:
+                st = os.stat(folder)
+            except OSError:
+                dirs[:] = []
+                continue
+            if (st.st_dev, st.st_ino) in visited:
+                dirs[:] = []  # a link back to a folder already walked
+                continue
+            visited.add((st.st_dev, st.st_ino))
             dirs[:] = [
                 d for d in dirs if not d.startswith(".") and Path(folder, d).resolve() not in prune
             ]
@@ -408,35 +505,21 @@ class MultiTaskDataset(Dataset):
         found.sort(key=lambda p: p.relative_to(root).as_posix())
         return found
 
-    def _by_stem(self, files: list[Path], what: str) -> dict[str, Path]:
-        """Stem -> file; a stem found twice is a problem (in skip mode the stem is dropped,
-        and for images each of its files is listed: every dropped image is counted)."""
-        groups: dict[str, list[Path]] = {}
-        for path in files:
-            groups.setdefault(path.stem, []).append(path)
-        out: dict[str, Path] = {}
-        for stem, paths in groups.items():
-            out[stem] = paths[0]
-            if len(paths) == 1:
-                continue
-            problem = f"duplicate {what} file stem {stem!r}: {' and '.join(map(str, paths))}"
-            for path in paths[1:] if what != "image" else paths:
-                self._problem(path, problem)
-            self._bad.add(stem)
-        return out
-
     def _label_roots(self) -> set[Path]:
         """Label folders of any split (resolved): left out when they lie inside an images folder."""
         roots = set()
         for split in self.spec.splits.values():
             for task in _FILE_TASKS:
                 src = getattr(split, task)
-                if src is not None:
+                if src is not None and getattr(src, "root", None) is not None:
                     roots.add((self.base / src.root).resolve())
         roots.discard(self.images_root.resolve())
         return roots
 
     def _index_images(self) -> dict[str, _Entry]:
+        """Every image file, keyed by its file stem, or, where images of the split share a
+        stem (CIFAR-style ``cat/0001.png``, ``dog/0001.png``), by its path under the images
+        folder without extension (``cat/0001``)."""
         root = self.images_root
         if not root.is_dir():
             raise DataError(root, "images folder not found")
@@ -446,35 +529,113 @@ class MultiTaskDataset(Dataset):
             raise DataError(
                 root, f"no image files ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found"
             )
-        return {
-            stem: _Entry(key=stem, image=path)
-            for stem, path in self._by_stem(files, "image").items()
-        }
+        groups: dict[str, list[Path]] = {}
+        for key, path in zip(image_keys(files, root), files, strict=True):
+            groups.setdefault(key, []).append(path)
+        entries: dict[str, _Entry] = {}
+        self._by_rel: dict[str, str] = {}  # path under the images folder, no extension -> key
+        self._by_stem: dict[str, list[str]] = {}  # file stem -> keys
+        for key, paths in groups.items():
+            entries[key] = _Entry(key=key, image=paths[0])
+            self._by_rel[_rel_key(paths[0], root)] = key
+            self._by_stem.setdefault(paths[0].stem, []).append(key)
+            if len(paths) > 1:  # the same name with two extensions in one folder
+                problem = f"duplicate image {key!r}: {' and '.join(map(str, paths))}"
+                for path in paths:
+                    self._problem(path, problem)
+                self._bad.add(key)
+        return entries
+
+    def _match(self, name: str) -> tuple[str | None, list[str]]:
+        """The key of the image a label source names (a path under the images folder, with or
+        without extension, or a bare file name): by path, else by file stem when only one
+        image has it. Returns the key (or None) and the candidates."""
+        rel = posixpath.normpath(name.replace("\\", "/")).lstrip("/")
+        key = self._by_rel.get(rel) or self._by_rel.get(_strip_ext(rel))
+        if key is not None:
+            return key, [key]
+        keys = self._by_stem.get(Path(_strip_ext(rel)).name, [])
+        return (keys[0] if len(keys) == 1 else None), keys
+
+    def _match_path(self, path: Path) -> tuple[str | None, list[str]]:
+        """``_match`` for a file path (e.g. named in a pairs file): under the images folder it
+        is matched by its path there, elsewhere by its stem."""
+        rel = os.path.relpath(os.path.normpath(path), os.path.normpath(self.images_root))
+        if rel.startswith(".."):
+            rel = path.name
+        return self._match(Path(rel).as_posix())
+
+    def _read_table(self, path: Path, what: str) -> list[tuple[int, list[str]]]:
+        """(line number, fields) of a text or CSV file; blank lines and ``#`` comments left
+        out. Fields are comma-separated in ``.csv`` files (and lines with a comma), else
+        whitespace-separated."""
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise DataError(path, f"{what} not found") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(path, f"cannot read the {what}: {err}") from err
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if path.suffix.lower() == ".csv" or "," in line:
+                fields = [f.strip() for f in next(csv.reader([line]))]
+            else:
+                fields = line.split()
+            rows.append((number, fields))
+        return rows
+
+    def _class_label_file(self, split: SplitSpec) -> list[tuple[int, str, str]]:
+        """(line, image, class) rows of a split's classification labels file; a first line
+        that names no image file of the split is a header, left out."""
+        path = self.base / split.classification.labels
+        rows = []
+        for number, fields in self._read_table(path, "classification labels file"):
+            if len(fields) < 2 or not fields[1].split():
+                raise DataError(path, f"line {number}: expected an image and a class")
+            rows.append((number, fields[0], fields[1].split()[0]))
+        if rows and split is self.source:
+            header = self._match(rows[0][1])[0] is None
+        elif rows:
+            first = self.base / split.images / rows[0][1]
+            names = [first, *(first.with_name(first.name + e) for e in IMAGE_EXTENSIONS)]
+            names += [first.with_name(first.name + e.upper()) for e in IMAGE_EXTENSIONS]
+            header = not any(n.is_file() for n in names)
+        return rows[1:] if rows and header else rows
 
     def _index_classification(self, entries: dict[str, _Entry]) -> None:
+        src = self.source.classification
         declared = self.spec.classes.get("classification")
+        own_rows = self._class_label_file(self.source) if src.labels else None
         if declared:
             names = list(declared)
         else:
-            # Every split's class folders, so that train and val agree on the indices even
-            # where a class has no image in one of them.
-            folders = set()
+            # Every split's classes, so that train and val agree on the indices even where a
+            # class has no image in one of them.
+            found = set()
             label_roots = self._label_roots()
             for split in self.spec.splits.values():
                 if split.classification is None:
                     continue
+                if split.classification.labels:
+                    rows = own_rows if split is self.source else self._class_label_file(split)
+                    found.update(c for _, _, c in rows)
+                    continue
                 split_root = self.base / split.images
                 if split_root.is_dir():
-                    folders.update(
+                    found.update(
                         p.name
                         for p in split_root.iterdir()
                         if p.is_dir()
                         and not p.name.startswith(".")
                         and p.resolve() not in label_roots
                     )
-            names = sorted(folders)
+            names = sorted(found)
         self.classes["classification"] = names
         index = {name: i for i, name in enumerate(names)}
+        if own_rows is not None:
+            return self._classes_from_file(entries, own_rows, index, names)
         outside = 0
         for entry in entries.values():
             parts = entry.image.relative_to(self.images_root).parts
@@ -496,7 +657,34 @@ class MultiTaskDataset(Dataset):
                 f"classification: {outside} image(s) outside class folders (no class label)"
             )
 
+    def _classes_from_file(self, entries, rows, index: dict[str, int], names: list[str]) -> None:
+        path = self.base / self.source.classification.labels
+        unmatched = 0
+        for number, image, cls in rows:
+            key, _ = self._match(image)
+            if key is None:
+                unmatched += 1
+                continue
+            entry = entries[key]
+            where = f"line {number} ({image})"
+            if cls not in index:
+                self._problem(
+                    path, f"{where}: class {cls!r} is not among the classification classes"
+                )
+                self._bad.add(key)
+            elif entry.label is not None and entry.label != index[cls]:
+                self._problem(path, f"{where}: image labelled twice ({names[entry.label]}, {cls})")
+                self._bad.add(key)
+            else:
+                entry.label = index[cls]
+        if unmatched:
+            self.notes.append(
+                f"classification: {unmatched} line(s) of {path.name} name no image of this split"
+            )
+
     def _index_label_files(self, task: str, entries: dict[str, _Entry]) -> None:
+        """Label files of ``task``, matched to images by their path under the label folder
+        (mirroring the image tree), else by file stem; or listed in a pairs file."""
         src = getattr(self.source, task)
         if task == "segmentation":
             names = self.spec.classes.get("segmentation")
@@ -506,6 +694,9 @@ class MultiTaskDataset(Dataset):
                     "only indices): list the class names in index order"
                 )
             self.classes["segmentation"] = list(names)
+        ext = ".npy" if getattr(src, "format", "png") == "npy" else ".png"
+        if getattr(src, "pairs", None) is not None:
+            return self._index_pairs(task, entries, self.base / src.pairs, ext)
         root = self.base / src.root
         if not root.is_dir():
             msg = f"{task}: label folder {root} not found; no image has {task} labels"
@@ -513,50 +704,172 @@ class MultiTaskDataset(Dataset):
             self._no_labels_noted.add(task)
             warnings.warn(msg, stacklevel=3)
             return
-        ext = ".npy" if getattr(src, "format", "png") == "npy" else ".png"
         every = self._walk(root, ("",), set())
-        files = self._by_stem([f for f in every if f.suffix.lower() == ext], f"{task} label")
-        for stem, path in files.items():
-            entry = entries.get(stem)
-            if entry is not None:
-                entry.files[task] = path
+        found: dict[str, Path] = {}
+        by_stem: dict[str, list[Path]] = {}
+        for path in every:
+            if path.suffix.lower() != ext:
+                continue
+            key = self._by_rel.get(_rel_key(path, root))
+            if key is not None and key not in found:
+                found[key] = path
+            else:
+                by_stem.setdefault(path.stem, []).append(path)
+        for stem, paths in by_stem.items():
+            keys = [k for k in self._by_stem.get(stem, []) if k not in found]
+            if not keys:
+                continue  # a label of an image of another split (or none)
+            if len(keys) > 1:
+                self._problem(
+                    paths[0],
+                    f"{task} label file matches {len(keys)} images by file stem "
+                    f"({_listing([str(entries[k].image) for k in keys])}); put the label files "
+                    f"in folders that mirror the images folder",
+                )
+                continue
+            if len(paths) > 1:
+                problem = f"duplicate {task} label file stem {stem!r}: " + " and ".join(
+                    map(str, paths)
+                )
+                for path in paths[1:]:
+                    self._problem(path, problem)
+                self._bad.add(keys[0])
+                continue
+            found[keys[0]] = paths[0]
+        for key, path in found.items():
+            entries[key].files[task] = path
         # A label file of another format for an image of this split would otherwise be
         # ignored without a word (e.g. a depth .npy where the source says png16).
         for path in every:
-            if path.suffix.lower() != ext and path.stem in entries and path.stem not in files:
+            if path.suffix.lower() == ext:
+                continue
+            key = self._by_rel.get(_rel_key(path, root))
+            if key is None:
+                key, _ = self._match(path.name)
+            if key is not None and key not in found:
                 self._problem(
                     path,
                     f"{task} label file is not a {ext} file (the dataset description says "
                     f"{task} format {src.format!r}): convert it, or change the format",
                 )
-                self._bad.add(path.stem)
+                self._bad.add(key)
 
-    def _fail_detection(self, path: Path, problem: str) -> None:
-        """The annotation file is unusable: raise, or (skip mode) drop detection altogether."""
+    def _index_pairs(self, task: str, entries: dict[str, _Entry], path: Path, ext: str) -> None:
+        """A pairs file: ``image label`` per line (TUM ``associations.txt``: ``time image
+        time label``; either order; a CSV of two columns). Paths are relative to the file."""
+        unmatched = 0
+        first = True
+        for number, fields in self._read_table(path, "pairs file"):
+            names = [fields[1], fields[3]] if len(fields) == 4 else fields
+            if len(names) != 2:
+                raise DataError(
+                    path,
+                    f"line {number}: expected 'image {task}' or 'time image time {task}' "
+                    f"(got {len(fields)} fields)",
+                )
+            header, first = first and not names[0].lower().endswith(IMAGE_EXTENSIONS), False
+            if header:
+                continue
+            a, b = (path.parent / n for n in names)
+            key, _ = self._match_path(a)
+            label = b
+            if key is None:
+                key, _ = self._match_path(b)
+                label = a
+            if key is None:
+                unmatched += 1
+                continue
+            where = f"line {number}"
+            if task in entries[key].files:
+                self._problem(path, f"{where}: image {entries[key].image} is paired twice")
+                self._bad.add(key)
+            elif label.suffix.lower() != ext:
+                self._problem(path, f"{where}: {task} file {label} is not a {ext} file")
+                self._bad.add(key)
+            elif not label.is_file():
+                self._problem(path, f"{where}: {task} file {label} not found")
+                self._bad.add(key)
+            else:
+                entries[key].files[task] = label
+        if unmatched:
+            self.notes.append(
+                f"{task}: {unmatched} line(s) of {path.name} name no image of this split"
+            )
+
+    def _fail_coco(self, task: str, path: Path, problem: str) -> None:
+        """The annotation file is unusable: raise, or (skip mode) drop the task altogether."""
         self._problem(path, problem)
-        self.unusable["detection"] = f"{path}: {problem}"
-        self.tasks.remove("detection")
-        self._det.clear()
-        self.classes.pop("detection", None)
-        self.notes.append("detection: annotation file unusable; no image has detection labels")
+        self.unusable[task] = f"{path}: {problem}"
+        self.tasks.remove(task)
+        (self._det if task == "detection" else self._seg).clear()
+        self.classes.pop(task, None)
+        self.notes.append(f"{task}: annotation file unusable; no image has {task} labels")
+
+    def _load_coco(self, task: str, path: Path) -> dict | None:
+        """The COCO JSON at ``path``, checked at the top level; None when unusable."""
+        if path not in self._json:
+            try:
+                self._json[path] = json.loads(path.read_bytes())
+            except FileNotFoundError:
+                self._json[path] = "COCO annotation file not found"
+            except OSError as err:
+                self._json[path] = f"cannot read the annotation file: {err}"
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                self._json[path] = f"not valid JSON: {err}"
+        raw = self._json[path]
+        if isinstance(raw, str):
+            return self._fail_coco(task, path, raw)
+        if not isinstance(raw, dict):
+            return self._fail_coco(task, path, "not a COCO JSON object")
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(raw.get(key), list):
+                return self._fail_coco(task, path, f"missing required field {key!r} (a list)")
+        return raw
 
     def _index_detection(self, entries: dict[str, _Entry]) -> None:
         path = self.base / self.source.detection.annotations
         self._det_json = path
-        try:
-            raw = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return self._fail_detection(path, "COCO annotation file not found")
-        except OSError as err:
-            return self._fail_detection(path, f"cannot read the annotation file: {err}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return self._fail_detection(path, f"not valid JSON: {err}")
-        if not isinstance(raw, dict):
-            return self._fail_detection(path, "not a COCO JSON object")
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(raw.get(key), list):
-                return self._fail_detection(path, f"missing required field {key!r} (a list)")
+        raw = self._load_coco("detection", path)
+        if raw is not None:
+            declared = self.spec.classes.get("detection")
+            self._index_coco("detection", path, raw, entries, list(declared or []), None)
 
+    def _index_coco_segmentation(self, entries: dict[str, _Entry]) -> None:
+        src = self.source.segmentation
+        path = self.base / src.annotations
+        self._seg_json = path
+        declared = list(self.spec.classes.get("segmentation") or [])
+        if declared and src.background is not None and src.background not in declared:
+            raise ConfigError(
+                f"{self.manifest}: classes.segmentation has no class {src.background!r} for "
+                "the pixels no annotation covers: add it, or set the segmentation source's "
+                "background (to another class name, or null to ignore those pixels)"
+            )
+        raw = self._load_coco("segmentation", path)
+        if raw is not None:
+            self._index_coco("segmentation", path, raw, entries, declared, src.background)
+        names = self.classes.get("segmentation", [])
+        if len(names) > src.ignore_index >= 0:
+            raise ConfigError(
+                f"{self.manifest}: {len(names)} segmentation classes reach the ignore value "
+                f"{src.ignore_index}; set segmentation.ignore_index above the class indices"
+            )
+        if src.background is not None and names:
+            self._seg_background = names.index(src.background)
+        else:
+            self._seg_background = src.ignore_index
+
+    def _index_coco(
+        self,
+        task: str,
+        path: Path,
+        raw: dict,
+        entries: dict[str, _Entry],
+        declared: list[str],
+        background: str | None,
+    ) -> None:
+        """Categories, images and annotations of a COCO file, for detection (crowd
+        annotations left out) or segmentation (crowd regions kept, to be ignored)."""
         # Categories: contiguous indices in sorted-id order, or by name into declared classes.
         cats: dict[int, str] = {}
         for i, cat in enumerate(raw["categories"]):
@@ -571,24 +884,28 @@ class MultiTaskDataset(Dataset):
                 self._problem(path, f"category id {cat['id']} is listed twice")
                 continue
             cats[cat["id"]] = cat["name"]
-        declared = self.spec.classes.get("detection")
-        names = list(declared) if declared else [cats[i] for i in sorted(cats)]
+        if declared:
+            names = declared
+        else:
+            names = [cats[i] for i in sorted(cats)]
+            if background is not None and background not in names:
+                names.insert(0, background)
         by_name = {n: i for i, n in enumerate(names)}
         cat_index: dict[int, int] = {}
         for cid in sorted(cats):
             if cats[cid] not in by_name:
                 self._problem(
                     path,
-                    f"category id {cid} ({cats[cid]!r}) is not among the declared detection "
-                    "classes",
+                    f"category id {cid} ({cats[cid]!r}) is not among the declared {task} classes",
                 )
                 continue
             cat_index[cid] = by_name[cats[cid]]
-        self.classes["detection"] = names
+        self.classes[task] = names
 
-        # Images, matched to image files by stem.
+        # Images, matched to image files by path under the images folder, else by stem.
         coco_images: dict[int, dict] = {}
-        stems: dict[str, str] = {}
+        taken: dict[str, str] = {}  # key -> file_name
+        missing = []
         for i, img in enumerate(raw["images"]):
             if not isinstance(img, dict) or not isinstance(img.get("id"), int):
                 self._problem(path, f"image entry #{i}: missing required field 'id'")
@@ -599,35 +916,44 @@ class MultiTaskDataset(Dataset):
             if img["id"] in coco_images:
                 self._problem(path, f"image id {img['id']} is listed twice")
                 continue
-            stem = Path(img["file_name"]).stem
-            if stem in stems:
+            key, candidates = self._match(img["file_name"])
+            if key is None and len(candidates) > 1:
                 self._problem(
                     path,
-                    f"images {stems[stem]} and {img['file_name']} have the same file stem {stem!r}",
+                    f"image {img['file_name']} matches {len(candidates)} image files by file "
+                    f"stem ({_listing([str(entries[k].image) for k in candidates])}); give its "
+                    "path under the images folder as file_name",
                 )
-                self._bad.add(stem)
                 continue
-            stems[stem] = img["file_name"]
+            if key is not None and key in taken:
+                self._problem(
+                    path, f"images {taken[key]} and {img['file_name']} are the same image file"
+                )
+                self._bad.add(key)
+                continue
+            if key is None:
+                missing.append(img["file_name"])
+            else:
+                taken[key] = img["file_name"]
             w, h = img.get("width"), img.get("height")
             known = isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0
             coco_images[img["id"]] = {
-                "stem": stem,
+                "key": key,
                 "file_name": img["file_name"],
                 "width": w if known else None,
                 "height": h if known else None,
                 "anns": [],
             }
-        matched = sum(1 for s in stems if s in entries)
-        if stems and not matched:
-            return self._fail_detection(
+        if coco_images and not taken:
+            return self._fail_coco(
+                task,
                 path,
-                f"none of its {len(stems)} images matches an image file under "
-                f"{self.images_root} (matched by file stem)",
+                f"none of its {len(coco_images)} images matches an image file under "
+                f"{self.images_root} (matched by path under that folder, else by file stem)",
             )
-        missing = [name for stem, name in stems.items() if stem not in entries]
         if missing:
             self.notes.append(
-                f"detection: {len(missing)} image file(s) listed in {path.name} not found under "
+                f"{task}: {len(missing)} image file(s) listed in {path.name} not found under "
                 f"{self.images_root} (their annotations are ignored): {_listing(missing)}"
             )
 
@@ -643,7 +969,8 @@ class MultiTaskDataset(Dataset):
                 self._problem(path, f"{where} is listed twice (again at annotation #{i})")
                 continue
             ann_ids.add(key)
-            if ann.get("iscrowd", 0):
+            crowd = bool(ann.get("iscrowd", 0))
+            if crowd and task == "detection":
                 self.crowd_ignored += 1
                 continue
             if "image_id" not in ann:
@@ -654,12 +981,12 @@ class MultiTaskDataset(Dataset):
                 self._problem(path, f"{where}: unknown image_id {ann['image_id']!r}")
                 continue
             where += f" (image {image['file_name']})"
-            missing = [k for k in ("category_id", "bbox") if k not in ann]
-            if missing:
-                self._problem(path, f"{where}: missing required field {missing[0]!r}")
+            absent = [k for k in ("category_id", "bbox") if k not in ann]
+            if absent:
+                self._problem(path, f"{where}: missing required field {absent[0]!r}")
                 continue
             cid = ann["category_id"]
-            if not isinstance(cid, int) or cid not in cat_index:
+            if not crowd and (not isinstance(cid, int) or cid not in cat_index):
                 self._problem(path, f"{where}: unknown category_id {cid!r}")
                 continue
             box, problem = _check_box(ann["bbox"], image["width"], image["height"])
@@ -678,13 +1005,15 @@ class MultiTaskDataset(Dataset):
             if problem is not None:
                 self._problem(path, f"{where}: {problem}")
                 continue
-            image["anns"].append((ann["id"], box, cat_index[cid], seg))
+            label = -1 if crowd else cat_index[cid]
+            image["anns"].append((ann["id"], box, label, seg))
 
+        store = self._det if task == "detection" else self._seg
         for image in coco_images.values():
-            if image["stem"] not in entries:
+            if image["key"] is None:
                 continue
             anns = image["anns"]
-            self._det[image["stem"]] = _Boxes(
+            store[image["key"]] = _Boxes(
                 file_name=image["file_name"],
                 width=image["width"],
                 height=image["height"],
@@ -719,10 +1048,54 @@ class MultiTaskDataset(Dataset):
                 src.ignore_index,
                 src.reduce_zero_label,
             )
+        seg = self._seg.get(entry.key)
+        if seg is not None:
+            out["segmentation"] = self._rasterise(seg, height, width)
         if "depth" in entry.files:
-            out["depth"] = read_depth(entry.files["depth"], size, self.source.depth.scale)
+            src = self.source.depth
+            out["depth"] = read_depth(
+                entry.files["depth"], size, src.scale, src.invalid, src.max_depth
+            )
         if "normals" in entry.files:
             out["normals"] = read_normals(entry.files["normals"], size)
+        return out
+
+    def _rasterise(self, anns: _Boxes, height: int, width: int) -> np.ndarray:
+        """The class map of one image from its COCO annotations: background where nothing is
+        annotated, the ignore value over crowd regions and annotations without a mask, and
+        instances painted largest first, so the smaller one wins where they overlap."""
+        src = self.source.segmentation
+        if anns.width is not None and (anns.width, anns.height) != (width, height):
+            raise DataError(
+                self._seg_json,
+                f"image {anns.file_name}: the JSON says {_size_str(anns.width, anns.height)} "
+                f"but the image file is {_size_str(width, height)}",
+            )
+        out = np.full((height, width), self._seg_background, np.int64)
+        things = []
+        for ann_id, box, label, seg in zip(
+            anns.ids, anns.boxes, anns.labels, anns.segs, strict=True
+        ):
+            try:
+                if not anns.checked:
+                    xywh = [float(box[0]), float(box[1]), float(box[2] - box[0])]
+                    xywh.append(float(box[3] - box[1]))
+                    clipped, problem = _check_box(xywh, width, height)
+                    if problem is not None:
+                        raise ValueError(problem)
+                    box = np.array(clipped, np.float32)
+                mask = _decode_mask(seg, box, height, width).astype(bool)
+            except Exception as err:
+                raise DataError(
+                    self._seg_json, f"annotation id {ann_id} (image {anns.file_name}): {err}"
+                ) from err
+            if label < 0 or seg is None:  # crowd, or only a box: which pixels is unknown
+                out[mask] = src.ignore_index
+            else:
+                things.append((int(mask.sum()), label, mask))
+        # Stable sort: of equal areas, the later annotation is painted last.
+        for _, label, mask in sorted(things, key=lambda t: -t[0]):
+            out[mask] = label
         return out
 
     def _read_detection(
@@ -853,17 +1226,22 @@ class MultiTaskDataset(Dataset):
             sample = self.transform(sample)
         return sample
 
+    def _has_label(self, entry: _Entry, task: str) -> bool:
+        if task == "classification":
+            return entry.label is not None
+        if task == "detection":
+            return entry.key in self._det
+        if task == "segmentation" and self._seg_json is not None:
+            return entry.key in self._seg
+        return task in entry.files
+
     def label_counts(self) -> dict[str, int]:
         """How many of the kept images have a label for each task."""
-        counts = {}
-        for task in self.tasks:
-            if task == "classification":
-                counts[task] = sum(e.label is not None for e in self._entries)
-            elif task == "detection":
-                counts[task] = sum(e.key in self._det for e in self._entries)
-            else:
-                counts[task] = sum(task in e.files for e in self._entries)
-        return counts
+        return {t: sum(self._has_label(e, t) for e in self._entries) for t in self.tasks}
+
+    def unlabelled(self, task: str) -> list[Path]:
+        """The image files of the kept samples that have no label of ``task``."""
+        return [e.image for e in self._entries if not self._has_label(e, task)]
 
     def report(self) -> str:
         """A summary: images, labels per task, notes, and every skipped file with its reason."""
@@ -880,7 +1258,14 @@ class MultiTaskDataset(Dataset):
                 line += f", {boxes} boxes"
                 if self.crowd_ignored:
                     line += f", {self.crowd_ignored} crowd annotations ignored"
+            if 0 < n < len(self):
+                lacking = [
+                    p.relative_to(self.images_root).as_posix() for p in self.unlabelled(task)
+                ]
+                line += f"; {len(lacking)} image(s) without a {task} label: {_listing(lacking)}"
             lines.append(line)
+        if self.subset is not None:
+            lines.append(f"  {self.subset_text}")
         lines.extend(f"  warning: {n}" for n in self.notes)
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} ({self.dropped_text()}):")
@@ -891,8 +1276,9 @@ class MultiTaskDataset(Dataset):
 
     @property
     def num_dropped(self) -> int:
-        """Image files found but left out (bad image or label files, duplicate stems)."""
-        return self.num_found - len(self)
+        """Image files found but left out (bad image or label files, duplicate names); images
+        left out of a subset are not counted."""
+        return self.num_found - self.num_unselected - len(self)
 
     def dropped_text(self) -> str:
         return f"{self.num_dropped} of {self.num_found} images dropped"

@@ -77,12 +77,26 @@ def augmentation(aug: AugmentConfig, image_size: int, train: bool):
 
 
 def make_dataset(root: Path, split: str, cfg: DataConfig, train: bool) -> MultiTaskDataset:
-    """A split's reader; in skip mode (``cfg.skip_bad``) a split left with no sample stops here
-    with the first reasons, not later in the loader."""
+    """A split's reader, cut to ``cfg.subset`` (said on stdout; ``dataset.subset`` has the
+    counts); in skip mode (``cfg.skip_bad``) a split left with no sample stops here with the
+    first reasons, not later in the loader."""
     transform = augmentation(cfg.augment, cfg.image_size, train)
     dataset = MultiTaskDataset(
-        root, split=split, transform=transform, on_error="skip" if cfg.skip_bad else "raise"
+        root,
+        split=split,
+        transform=transform,
+        on_error="skip" if cfg.skip_bad else "raise",
+        subset=cfg.subset_of(split),
+        subset_seed=cfg.subset_seed,
     )
+    if dataset.subset is not None:
+        print(f"{dataset.name} [{split}]: {dataset.subset_text} (data.subset)")
+    default_num = DataConfig.model_fields["num"].default
+    if is_dataset_folder(cfg.dataset) and cfg.num != default_num and split == "train":
+        dataset.notes.append(
+            f"data.num ({cfg.num}) counts the images rendered from a style; a dataset folder "
+            "is used whole: set data.subset to train on part of it"
+        )
     if len(dataset) == 0:
         reasons = "; ".join(f"{p}: {r}" for p, r in dataset.skipped[:3])
         more = f" (and {len(dataset.skipped) - 3} more)" if len(dataset.skipped) > 3 else ""
