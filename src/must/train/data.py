@@ -113,9 +113,7 @@ def make_dataset(root: Path, split: str, cfg: DataConfig, train: bool) -> MultiT
     """A split's reader; in skip mode (``cfg.skip_bad``) a split left with no sample stops here
     with the first reasons, not later in the loader."""
     dataset = MultiTaskDataset(root, split=split, on_error="skip" if cfg.skip_bad else "raise")
-    dataset.transform = augmentation(
-        cfg.augment, cfg.image_size, train, resize_mode(cfg, dataset)
-    )
+    dataset.transform = augmentation(cfg.augment, cfg.image_size, train, resize_mode(cfg, dataset))
     if len(dataset) == 0:
         reasons = "; ".join(f"{p}: {r}" for p, r in dataset.skipped[:3])
         more = f" (and {len(dataset.skipped) - 3} more)" if len(dataset.skipped) > 3 else ""
