@@ -111,6 +111,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             render_size=args.render_size,
             cache=args.cache,
             image_size=args.image_size,
+            resize=args.resize,
+            predictions=args.predictions,
             progress=not args.quiet,
         )
     except NothingToMeasure as err:
@@ -454,15 +456,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev = verbs.add_parser("eval", help="evaluate a checkpoint on a dataset and print a table")
     ev.add_argument("checkpoint", help="checkpoint directory (or its model.safetensors)")
     ev.add_argument("--data", required=True, help="dataset folder or scene-world style name")
-    ev.add_argument("--split", default="test", help="split to evaluate (default test)")
+    ev.add_argument(
+        "--split",
+        default=None,
+        help="split to evaluate (default: test, or val where the dataset has no test split)",
+    )
     ev.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    ev.add_argument(
+        "--predictions",
+        default=None,
+        help="also write the detections as a COCO results JSON (original image ids, "
+        "category ids and pixels), for pycocotools' COCOeval",
+    )
+    ev.add_argument(
+        "--resize",
+        choices=("auto", "square", "keep_aspect"),
+        default="auto",
+        help="how images are resized (default auto: keep_aspect for detection on a dataset "
+        "folder, square otherwise)",
+    )
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--image-size", type=int, default=None, help="default: the training size")
     ev.add_argument("--num", type=int, default=1000, help="images to render for a style")
     ev.add_argument("--render-size", type=int, default=64, help="render size for a style")
     ev.add_argument("--cache", default="runs/data", help="where styles are rendered")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
-    ev.set_defaults(func=_cmd_eval, outputs={"json": "file"})
+    ev.set_defaults(func=_cmd_eval, outputs={"json": "file", "predictions": "file"})
 
     _add_label_parser(verbs)
 

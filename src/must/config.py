@@ -43,6 +43,10 @@ class DataConfig(_Strict):
     render_seed: int = 0
     cache: str = "runs/data"
     image_size: int = Field(64, ge=16, description="training/eval size after augmentation")
+    # square: images resized/cropped to image_size x image_size; keep_aspect: the longer side
+    # to image_size, aspect kept, batches padded; auto: keep_aspect for detection on a
+    # dataset folder, square otherwise (scene-world styles render square images).
+    resize: Literal["auto", "square", "keep_aspect"] = "auto"
     augment: AugmentConfig = AugmentConfig()
     num_workers: int = Field(0, ge=0)
     skip_bad: bool = False  # count and report bad samples instead of stopping

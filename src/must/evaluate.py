@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -11,33 +13,54 @@ from tqdm import tqdm
 from must.checkpoint import load_model
 from must.config import DataConfig
 from must.data.readers import MultiTaskDataset
+from must.data.spec import load_spec
 from must.errors import ConfigError, DataError
 from must.tasks.base import Task
+from must.tasks.detection import to_original
 from must.train.data import make_dataset, make_loader, prepare_dataset
 
 
 def evaluate(
     checkpoint: str | Path,
     data: str,
-    split: str = "test",
+    split: str | None = None,
     *,
     batch_size: int = 64,
     num: int = 1000,
     render_size: int = 64,
     cache: str = "runs/data",
     image_size: int | None = None,
+    resize: str = "auto",
+    predictions: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Metrics per task for the tasks the checkpoint and the dataset share.
 
     ``data`` is a dataset folder or a scene-world style (rendered with ``num`` images of
-    ``render_size`` pixels into ``cache``). Vocabularies must match exactly.
+    ``render_size`` pixels into ``cache``); ``split`` None: ``test``, or ``val`` where the
+    dataset has no test split. Vocabularies must match exactly. Detection is
+    scored in each image's own pixels. ``predictions``: also write the detections as a COCO
+    results JSON (see :func:`coco_results`).
     """
     model, payload = load_model(checkpoint)
-    size = image_size or payload.get("info", {}).get("image_size", 64)
-    cfg = DataConfig(dataset=data, num=num, render_size=render_size, cache=cache, image_size=size)
+    info = payload.get("info", {})
+    size = image_size or info.get("image_size", 64)
+    cfg = DataConfig(
+        dataset=data,
+        num=num,
+        render_size=render_size,
+        cache=cache,
+        image_size=size,
+        resize=resize,
+    )
     root = prepare_dataset(cfg, progress=progress)
+    if split is None:
+        # As in training: the test split where there is one, else validation (stated).
+        split = "test" if "test" in load_spec(root)[0].splits else "val"
+        if split == "val":
+            print(f"{root} has no 'test' split: evaluating on 'val'")
     dataset = make_dataset(root, split, cfg, train=False)
+    print(f"metrics on split {split!r} of {dataset.name}")
     shared = [t for t in model.tasks if t in dataset.tasks]
     if not shared:
         unusable = "".join(f"; {t}: {why}" for t, why in dataset.unusable.items())
@@ -51,15 +74,31 @@ def evaluate(
             raise ConfigError(
                 f"{dataset.manifest}: {name} classes {theirs} do not match the checkpoint's {mine}"
             )
-    results = run_metrics(model, dataset, shared, batch_size, progress)
+    if predictions is not None and "detection" not in shared:
+        raise ConfigError(
+            f"--predictions writes detections, but {dataset.manifest} split {split!r} and the "
+            f"checkpoint share no detection task (shared: {', '.join(shared)})"
+        )
+    kept: list[tuple[str, dict]] | None = [] if predictions is not None else None
+    results = run_metrics(model, dataset, shared, batch_size, progress, kept)
+    if predictions is not None:
+        write_json_file(predictions, coco_results(dataset, kept or []))
+        print(f"wrote {len(kept or [])} images' detections as COCO results to {predictions}")
     check_measured(results, {t: model.tasks[t] for t in shared}, dataset)
     return results
 
 
 @torch.inference_mode()
 def run_metrics(
-    model, dataset: MultiTaskDataset, tasks: list[str], batch_size: int, progress: bool = True
+    model,
+    dataset: MultiTaskDataset,
+    tasks: list[str],
+    batch_size: int,
+    progress: bool = True,
+    detections: list[tuple[str, dict]] | None = None,
 ) -> dict[str, dict[str, float]]:
+    """Metrics per task; ``detections`` (a list) also receives (key, predictions in the
+    image's own pixels) for every image with detection ground truth."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     metrics = {name: model.tasks[name].new_metric().to(device) for name in tasks}
@@ -70,6 +109,17 @@ def run_metrics(
         for name, metric in metrics.items():
             if name in batch.targets:
                 metric.update(predictions[name], batch.targets[name])
+        target = batch.targets.get("detection")
+        if detections is not None and target is not None:
+            for key, pred, present, original in zip(
+                batch.keys,
+                predictions["detection"],
+                target["present"],
+                target["original"],
+                strict=True,
+            ):
+                if bool(present):
+                    detections.append((key, to_original(pred, original)))
     return {
         name: {k: float(v) for k, v in metric.compute().items()}
         for name, metric in metrics.items()
@@ -137,3 +187,52 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _coco_ids(dataset: MultiTaskDataset) -> tuple[dict[str, int], dict[int, int]]:
+    """(image key -> COCO image id, class index -> COCO category id) from the split's COCO
+    JSON, inverting the reader's mapping (declared class names, else sorted category ids)."""
+    path = dataset.base / dataset.source.detection.annotations
+    raw = json.loads(path.read_bytes())
+    cats = {c["id"]: c["name"] for c in raw["categories"]}
+    names = dataset.classes["detection"]
+    category: dict[int, int] = {}
+    for cid in sorted(cats):
+        if cats[cid] in names:
+            category.setdefault(names.index(cats[cid]), cid)
+    images: dict[str, int] = {}
+    for img in raw["images"]:
+        name = Path(img["file_name"])
+        for alias in (str(name), str(name.with_suffix("")), name.stem):
+            images.setdefault(alias, img["id"])
+    return images, category
+
+
+def coco_results(dataset: MultiTaskDataset, detections: list[tuple[str, dict]]) -> list[dict]:
+    """Detections in COCO's results format: ``image_id`` and ``category_id`` as in the
+    dataset's COCO JSON, ``bbox`` [x, y, w, h] in the image's own pixels, ``score``."""
+    images, category = _coco_ids(dataset)
+    out = []
+    for key, pred in detections:
+        image_id = images.get(key, images.get(Path(key).stem))
+        if image_id is None:
+            raise DataError(dataset.manifest, f"image {key!r} is not in the COCO annotations")
+        boxes = pred["boxes"].cpu().double().tolist()
+        for (x1, y1, x2, y2), label, score in zip(
+            boxes, pred["labels"].tolist(), pred["scores"].tolist(), strict=True
+        ):
+            out.append(
+                {
+                    "image_id": image_id,
+                    "category_id": category[int(label)],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": float(score),
+                }
+            )
+    return out
+
+
+def write_json_file(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))

@@ -21,6 +21,7 @@ from torch.utils.data import (
 from must.checkpoint import SUMMARY_FILE, check_init, initialise, save_model
 from must.config import DataConfig, StudentConfig, dump_yaml
 from must.data.readers import MultiTaskDataset, skip_report
+from must.data.spec import load_spec
 from must.errors import ConfigError
 from must.models.model import MultiTaskModel
 from must.store.dataset import StoreDataset
@@ -248,6 +249,7 @@ def train_student(
     # Checkpoints are selected on, and finally tested on, each teacher's own val/test splits
     # (for a task no teacher labelled: the val/test splits of the dataset that has it).
     val_loaders, test_loaders, eval_sets = [], [], {}
+    untested: list[str] = []
     read: list[MultiTaskDataset] = list(datasets)
     own = {t: str(d.manifest.parent) for d in reversed(datasets) for t in d.tasks}
     for name in names:
@@ -259,6 +261,11 @@ def train_student(
             continue
         dcfg = DataConfig(dataset=dataset, image_size=cfg.data.image_size)
         for split, loaders in (("val", val_loaders), ("test", test_loaders)):
+            if split == "test" and "test" not in load_spec(dataset)[0].splits:
+                # Teachers train without a test split too: no test metric, said so.
+                untested.append(name)
+                print(f"note: {dataset} has no 'test' split: no test metrics for {name}")
+                continue
             ds = make_dataset(Path(dataset), split, dcfg, train=False)
             read.append(ds)
             loaders.append(make_loader(ds, {name: tasks[name]}, tc.batch_size, 0, False))
@@ -292,6 +299,7 @@ def train_student(
         "loss_weighting": resolved | {"final": weighting.describe()},
         "init": started,
         "evaluated_on": eval_sets,
+        "untested": untested,  # tasks whose dataset has no 'test' split
         "skipped": skipped,
         **result,
         "config": cfg.model_dump(mode="json"),

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
 from must.data.readers import MultiTaskDataset
@@ -42,20 +43,51 @@ def class_palette(n: int, seed: int = 0) -> np.ndarray:
     return (rng.uniform(40, 255, (max(n, 1), 3))).astype(np.uint8)
 
 
-def _upscale(t: torch.Tensor, zoom: int) -> torch.Tensor:
-    return t.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2) if zoom > 1 else t
+def _fit(sample: dict, side: int) -> dict:
+    """The sample's pixel arrays and boxes scaled so its longer side is ``side`` (aspect
+    kept): images of any size then fit one panel size (labels and upscaling: nearest)."""
+    height, width = sample["image"].shape[-2:]
+    scale = side / max(height, width)
+    size = [max(1, round(height * scale)), max(1, round(width * scale))]
+    out = dict(sample)
+    for key in _PIXEL_KEYS:
+        if key not in sample:
+            continue
+        t = torch.as_tensor(sample[key]).as_subclass(torch.Tensor)
+        smooth = key == "image" and scale < 1
+        mode = F.InterpolationMode.BILINEAR if smooth else F.InterpolationMode.NEAREST
+        flat = t.reshape(-1, *t.shape[-2:])
+        if flat.numel():
+            flat = F.resize(flat, size, interpolation=mode, antialias=smooth)
+        else:
+            flat = flat.new_zeros((*flat.shape[:-2], *size))
+        out[key] = flat.reshape(*t.shape[:-2], *size)
+    if "boxes" in sample:
+        boxes = torch.as_tensor(sample["boxes"]).as_subclass(torch.Tensor).float()
+        out["boxes"] = boxes * torch.tensor([size[1] / width, size[0] / height] * 2)
+    return out
+
+
+def _letterbox(panel: torch.Tensor, side: int) -> torch.Tensor:
+    """A (3, h, w) panel centred on a black (3, side, side) canvas."""
+    canvas = torch.zeros((3, side, side), dtype=panel.dtype)
+    h, w = panel.shape[-2:]
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[:, top : top + h, left : left + w] = panel
+    return canvas
 
 
 def sample_panels(
     sample: dict, classes: dict[str, list[str]], min_side: int = 192
 ) -> list[torch.Tensor]:
-    """Panels (3, H, W) uint8: image with boxes and instance masks, class map, depth, normals.
+    """Panels (3, side, side) uint8: image with boxes and instance masks, class map, depth,
+    normals.
 
-    Small images are enlarged (nearest) to ``min_side`` so that box labels stay readable."""
-    zoom = max(1, min_side // max(sample["image"].shape[-2:]))
-    sample = {
-        k: _upscale(torch.as_tensor(v), zoom) if k in _PIXEL_KEYS else v for k, v in sample.items()
-    }
+    Each image is scaled (aspect kept) so its longer side is ``side`` = ``min_side`` and
+    letterboxed, so images of any size share one panel size and small ones keep readable
+    box labels."""
+    side = min_side
+    sample = _fit(sample, side)
     image = sample["image"].clone()
     height, width = image.shape[-2:]
     blank = torch.zeros_like(image)
@@ -66,8 +98,7 @@ def sample_panels(
     if "boxes" in sample and len(sample["boxes"]):
         names = classes.get("detection", [])
         labels = [names[i] if i < len(names) else str(i) for i in sample["box_labels"].tolist()]
-        boxes = torch.as_tensor(sample["boxes"]).as_subclass(torch.Tensor) * zoom
-        drawn = draw_bounding_boxes(drawn, boxes, labels=labels, colors="white")
+        drawn = draw_bounding_boxes(drawn, sample["boxes"], labels=labels, colors="white")
     panels.append(drawn)
     if "segmentation" in sample:
         seg = np.asarray(sample["segmentation"]).astype(np.int64)
@@ -88,7 +119,7 @@ def sample_panels(
         panels.append(torch.from_numpy(rgb))
     else:
         panels.append(blank)
-    return [p[:, :height, :width] for p in panels]
+    return [_letterbox(p[:, :height, :width], side) for p in panels]
 
 
 def text_panel(lines: list[str], height: int, width: int) -> torch.Tensor:

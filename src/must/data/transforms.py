@@ -37,6 +37,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 __all__ = [
+    "RESIZE_MODES",
     "Depth",
     "MultiTaskTransform",
     "Normals",
@@ -291,18 +292,38 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
+# Detection ground truth kept at the image's own size for scoring (see ``keep_original``).
+# ``crowd_boxes``/``crowd_labels`` (COCO ``iscrowd`` regions) and ``box_areas`` (COCO's
+# ``area`` of each box) are optional sample keys: only evaluation reads them.
+_ORIGINAL_KEYS = ("boxes", "box_labels", "box_areas", "crowd_boxes", "crowd_labels")
+_EVAL_ONLY_KEYS = ("box_areas", "crowd_boxes", "crowd_labels")
+
+
 class MultiTaskTransform:
     """Apply a v2 transform jointly to a sample dict, then :func:`sanitize_detection`.
+
+    With ``keep_original`` (evaluation, where the transform is a plain resize) the sample
+    also gets ``"original"``: its image size (H, W), the factors (sy, sx) that took it to
+    the transformed size, and its detection ground truth untouched, so boxes are scored in
+    the image's own pixels (and COCO's area buckets at its own size).
 
     A class rather than a closure so DataLoader workers can pickle it.
     """
 
     def __init__(
-        self, transform: Callable[[Any], Any], *, depth_scales_with_zoom: bool, min_box_size: float
+        self,
+        transform: Callable[[Any], Any],
+        *,
+        depth_scales_with_zoom: bool,
+        min_box_size: float,
+        keep_original: bool = False,
+        drop_masks: bool = False,
     ) -> None:
         self.transform = transform
         self.depth_scales_with_zoom = depth_scales_with_zoom
         self.min_box_size = min_box_size
+        self.keep_original = keep_original
+        self.drop_masks = drop_masks
 
     def _prepare(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         # Plain tensors would be passed through by v2 (an Image is present), so give every dense
@@ -329,20 +350,40 @@ class MultiTaskTransform:
         return out
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
-        return sanitize_detection(self.transform(self._prepare(sample)), self.min_box_size)
+        prepared = self._prepare(sample)
+        # Eval-only ground truth stays out of the v2 pipeline (it is never augmented).
+        extra = {k: prepared.pop(k) for k in _EVAL_ONLY_KEYS if k in prepared}
+        if self.drop_masks:
+            # No head reads instance masks; without a crop they cannot empty a box either.
+            prepared.pop("instance_masks", None)
+        out = sanitize_detection(self.transform(prepared), self.min_box_size)
+        if self.keep_original and "image" in prepared:
+            (h, w), (th, tw) = prepared["image"].shape[-2:], out["image"].shape[-2:]
+            both = {**prepared, **extra}
+            out["original"] = {
+                "size": (int(h), int(w)),
+                "scale": (th / h, tw / w),
+                **{k: _plain(both[k]) for k in _ORIGINAL_KEYS if k in both},
+            }
+        return out
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.transform!r}, "
             f"depth_scales_with_zoom={self.depth_scales_with_zoom}, "
-            f"min_box_size={self.min_box_size})"
+            f"min_box_size={self.min_box_size}, keep_original={self.keep_original}, "
+            f"drop_masks={self.drop_masks})"
         )
+
+
+RESIZE_MODES = ("square", "keep_aspect")
 
 
 def build_transforms(
     train: bool,
     size: int | tuple[int, int],
     *,
+    resize: str = "square",
     scale: tuple[float, float] = (0.35, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     hflip: float = 0.5,
@@ -350,16 +391,36 @@ def build_transforms(
     depth_scales_with_zoom: bool = True,
     min_box_size: float = 1.0,
 ) -> Callable[[dict], dict]:
-    """Sample-dict augmentation producing images of exactly ``size`` (int: square).
+    """Sample-dict augmentation, one random draw for the image and all its labels.
 
-    Train: RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip(hflip) + ColorJitter
-    (brightness/contrast/saturation = ``color_jitter``), one draw for the image and all its
-    labels. Eval: Resize of the full image to ``size``.
+    ``resize="square"``: images of exactly ``size`` (int: square). Train: RandomResizedCrop(
+    size, scale, ratio) + RandomHorizontalFlip(hflip) + ColorJitter (brightness/contrast/
+    saturation = ``color_jitter``). Eval: Resize of the full image to ``size``.
+
+    ``resize="keep_aspect"`` (real detection data): the longer side is resized to ``size``
+    (an int) keeping the aspect ratio, as torchvision's ``GeneralizedRCNNTransform`` caps it
+    at ``max_size``; no crop, so train is that resize + flip + colour jitter (torchvision's
+    detection recipe). Batches of mixed shapes are padded by the collator.
     """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    keep_aspect = resize == "keep_aspect"
+    if keep_aspect and not isinstance(size, int):
+        raise ValueError(f"resize='keep_aspect' takes one size (the longer side), got {size}")
     out_size = list(_pair(size))
+    # size=None + max_size: the longer side becomes max_size, the other follows the aspect.
+    fit = (
+        v2.Resize(size=None, max_size=int(size), antialias=True)
+        if keep_aspect
+        else v2.Resize(out_size, antialias=True)
+    )
     steps: list[v2.Transform]
     if train:
-        steps = [v2.RandomResizedCrop(out_size, scale=scale, ratio=ratio, antialias=True)]
+        steps = (
+            [fit]
+            if keep_aspect
+            else [v2.RandomResizedCrop(out_size, scale=scale, ratio=ratio, antialias=True)]
+        )
         if hflip > 0:
             steps.append(v2.RandomHorizontalFlip(hflip))
         if color_jitter > 0:
@@ -370,8 +431,12 @@ def build_transforms(
                 )
             )
     else:
-        # A fixed (h, w) rather than v2's "shorter side" int, so eval matches train's shape.
-        steps = [v2.Resize(out_size, antialias=True)]
+        # Square: a fixed (h, w) rather than v2's "shorter side" int, so eval matches train.
+        steps = [fit]
     return MultiTaskTransform(
-        v2.Compose(steps), depth_scales_with_zoom=depth_scales_with_zoom, min_box_size=min_box_size
+        v2.Compose(steps),
+        depth_scales_with_zoom=depth_scales_with_zoom,
+        min_box_size=min_box_size,
+        keep_original=not train,
+        drop_masks=keep_aspect,
     )

@@ -94,6 +94,11 @@ class Task(ABC):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def size_divisor(self) -> int:
+        """Padded batches are a multiple of this many pixels (the coarsest stride it reads)."""
+        return 32
+
     def has_label(self, sample: dict) -> bool:
         return self.label_keys[0] in sample
 

@@ -303,6 +303,13 @@ class DetectionMetric(MeanAveragePrecision):
             ]
             present = target.get("present")
             present = [True] * len(gts) if present is None else [bool(p) for p in present]
+            originals = target.get("original")
+            if originals is not None:
+                # Scored at each image's own size: predictions mapped back, ground truth as read.
+                predictions = [
+                    to_original(p, o) for p, o in zip(predictions, originals, strict=True)
+                ]
+                gts = [original_target(o) for o in originals]
         else:
             gts, present = list(target), [True] * len(target)
         if len(predictions) != len(gts):
@@ -319,12 +326,15 @@ class DetectionMetric(MeanAveragePrecision):
                     "labels": pred["labels"].detach().long(),
                 }
             )
-            refs.append(
-                {
-                    "boxes": torch.as_tensor(gt["boxes"]).float().reshape(-1, 4).to(device),
-                    "labels": torch.as_tensor(gt["labels"]).long().to(device),
-                }
-            )
+            ref = {
+                "boxes": torch.as_tensor(gt["boxes"]).float().reshape(-1, 4).to(device),
+                "labels": torch.as_tensor(gt["labels"]).long().to(device),
+            }
+            # COCO's crowd regions (matched detections are ignored) and annotation areas.
+            for key in ("iscrowd", "area"):
+                if key in gt:
+                    ref[key] = torch.as_tensor(gt[key]).to(device)
+            refs.append(ref)
         if preds:
             super().update(preds, refs)
 
@@ -337,6 +347,42 @@ class DetectionMetric(MeanAveragePrecision):
         }
 
 
+def to_original(prediction: dict[str, torch.Tensor], original: Mapping[str, Any]) -> dict:
+    """One image's predictions from the network's input pixels to the image's own pixels
+    (``original`` from the evaluation transform: its ``size`` (H, W) and ``scale`` (sy, sx)),
+    clipped to the image (padding added for batching lies outside it)."""
+    (h, w), (sy, sx) = original["size"], original["scale"]
+    boxes = prediction["boxes"].detach().float().reshape(-1, 4)
+    boxes = boxes / boxes.new_tensor([sx, sy, sx, sy])
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    return {**prediction, "boxes": boxes}
+
+
+def original_target(original: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The ground truth as read (image pixels), crowd regions appended with ``iscrowd`` 1;
+    ``area`` is the annotations' own (COCO's ``area``) when the reader gives it, else the
+    box area, as pycocotools computes it."""
+    boxes = _xyxy(original.get("boxes", torch.zeros(0, 4)))
+    labels = torch.as_tensor(original.get("box_labels", torch.zeros(0))).long().reshape(-1)
+    crowd = _xyxy(original.get("crowd_boxes", torch.zeros(0, 4)))
+    crowd_labels = torch.as_tensor(original.get("crowd_labels", torch.zeros(0))).long()
+
+    def box_area(b: torch.Tensor) -> torch.Tensor:
+        return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+
+    area = original.get("box_areas")
+    area = box_area(boxes) if area is None else torch.as_tensor(area).float().reshape(-1)
+    return {
+        "boxes": torch.cat([boxes, crowd]),
+        "labels": torch.cat([labels, crowd_labels.reshape(-1)]),
+        "iscrowd": torch.cat(
+            [torch.zeros(len(boxes), dtype=torch.long), torch.ones(len(crowd), dtype=torch.long)]
+        ),
+        "area": torch.cat([area, box_area(crowd)]),
+    }
+
+
 class DetectionTask(Task):
     """Box detection over ``classes``; primary metric COCO mAP@[.5:.95]."""
 
@@ -346,6 +392,10 @@ class DetectionTask(Task):
     higher_is_better = True
     config_type = DetectionConfig
     config: DetectionConfig
+
+    @property
+    def size_divisor(self) -> int:
+        return max(32, *(STRIDES[lv] for lv in self.config.levels))
 
     def build_head(self, in_channels: int, c5_channels: int) -> TaskHead:
         return DetectionHead(in_channels, self.num_classes, self.config)
@@ -373,11 +423,15 @@ class DetectionTask(Task):
                 )
             boxes.append(b)
             labels.append(lab)
-        return {
+        target = {
             "boxes": boxes,
             "labels": labels,
             "present": torch.tensor(present, dtype=torch.bool),
         }
+        # Evaluation samples carry their ground truth at their own size (transforms.py).
+        if all("original" in s for s in samples):
+            target["original"] = [s["original"] for s in samples]
+        return target
 
     def new_metric(self) -> DetectionMetric:
         return DetectionMetric()

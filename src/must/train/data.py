@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as TF
 from torch.utils.data import DataLoader, Dataset
 
 from must.config import AugmentConfig, DataConfig
@@ -48,13 +50,43 @@ def prepare_dataset(cfg: DataConfig, progress: bool = True) -> Path:
     return out
 
 
+# Fill of each dense key when a batch is padded: nothing a loss or metric counts (black
+# image, the segmentation ignore value, invalid depth and normals, no instance).
+_PAD_FILL = {"image": 0, "segmentation": 255, "depth": 0, "normals": 0, "instance_masks": 0}
+
+
+def pad_samples(samples: list[dict], divisor: int) -> list[dict]:
+    """Images of different sizes (aspect-preserving resize) padded at the bottom and right
+    to one size, each side rounded up to a multiple of ``divisor`` (the largest stride the
+    model uses), as torchvision's ``GeneralizedRCNNTransform`` batches them. Boxes keep
+    their coordinates. Batches of one size are returned unchanged."""
+    sizes = {tuple(s["image"].shape[-2:]) for s in samples}
+    if len(sizes) == 1:
+        return samples
+    height = math.ceil(max(h for h, _ in sizes) / divisor) * divisor
+    width = math.ceil(max(w for _, w in sizes) / divisor) * divisor
+    out = []
+    for s in samples:
+        s = dict(s)
+        for key, fill in _PAD_FILL.items():
+            if key in s:
+                t = torch.as_tensor(s[key]).as_subclass(torch.Tensor)
+                pad = (0, width - t.shape[-1], 0, height - t.shape[-2])
+                s[key] = TF.pad(t, pad, value=fill)
+        out.append(s)
+    return out
+
+
 class Collator:
-    """Stacks images (as floats in [0, 1]) and lets each task batch its own labels."""
+    """Stacks images (as floats in [0, 1]; mixed sizes padded, see :func:`pad_samples`)
+    and lets each task batch its own labels."""
 
     def __init__(self, tasks: dict[str, Task]) -> None:
         self.tasks = tasks
+        self.divisor = max([32, *(t.size_divisor for t in tasks.values())])
 
     def __call__(self, samples: list[dict]) -> Batch:
+        samples = pad_samples(samples, self.divisor)
         images = torch.stack([torch.as_tensor(s["image"]) for s in samples]).float() / 255.0
         targets = {}
         for name, task in self.tasks.items():
@@ -64,11 +96,12 @@ class Collator:
         return Batch(images=images, targets=targets, keys=[s["key"] for s in samples])
 
 
-def augmentation(aug: AugmentConfig, image_size: int, train: bool):
+def augmentation(aug: AugmentConfig, image_size: int, train: bool, resize: str = "square"):
     """The joint transform for training (random draw) or evaluation (resize) from settings."""
     return build_transforms(
         train,
         image_size,
+        resize=resize,
         scale=aug.scale,
         hflip=aug.hflip,
         color_jitter=aug.color_jitter,
@@ -80,15 +113,15 @@ def make_dataset(root: Path, split: str, cfg: DataConfig, train: bool) -> MultiT
     """A split's reader, cut to ``cfg.subset`` (said on stdout; ``dataset.subset`` has the
     counts); in skip mode (``cfg.skip_bad``) a split left with no sample stops here with the
     first reasons, not later in the loader."""
-    transform = augmentation(cfg.augment, cfg.image_size, train)
     dataset = MultiTaskDataset(
         root,
         split=split,
-        transform=transform,
         on_error="skip" if cfg.skip_bad else "raise",
         subset=cfg.subset_of(split),
         subset_seed=cfg.subset_seed,
     )
+    # The resize mode depends on what the dataset holds, so the transform comes after it.
+    dataset.transform = augmentation(cfg.augment, cfg.image_size, train, resize_mode(cfg, dataset))
     if dataset.subset is not None:
         print(f"{dataset.name} [{split}]: {dataset.subset_text} (data.subset)")
     default_num = DataConfig.model_fields["num"].default
@@ -105,6 +138,15 @@ def make_dataset(root: Path, split: str, cfg: DataConfig, train: bool) -> MultiT
             f"all {dataset.num_found} samples of split {split!r} were dropped: {reasons}{more}",
         )
     return dataset
+
+
+def resize_mode(cfg: DataConfig, dataset: MultiTaskDataset) -> str:
+    """``data.resize``, with ``auto`` resolved: aspect-preserving for detection on a dataset
+    folder of real images (any shape), square otherwise (styles render square images)."""
+    if cfg.resize != "auto":
+        return cfg.resize
+    rendered = "render" in dataset.spec.meta
+    return "keep_aspect" if "detection" in dataset.tasks and not rendered else "square"
 
 
 def require_task(dataset: MultiTaskDataset, task: str, what: str) -> None:

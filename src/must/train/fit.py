@@ -245,6 +245,17 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*module.s. in eval mode at the start of training.*")
 
 
+class _BestCheckpoint(ModelCheckpoint):
+    """Also keeps the validation metrics of the weights it saved, so the final evaluation
+    need not validate the same weights a second time."""
+
+    saved_metrics: dict | None = None
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self.saved_metrics = dict(trainer.lightning_module.last_validation)
+
+
 def make_trainer(
     cfg: TrainConfig, out_dir: Path, progress: bool = True, select_best: bool = True
 ) -> L.Trainer:
@@ -256,7 +267,7 @@ def make_trainer(
         save_top_k=0,
         save_last=True,
     )
-    best = ModelCheckpoint(
+    best = _BestCheckpoint(
         dirpath=ckpt_dir, filename="best", monitor="val/score", mode="max", save_top_k=1
     )
     _, resume_step = resume_point(out_dir)
@@ -317,9 +328,24 @@ def fit_and_test(
     best = out_dir / CHECKPOINT_DIR / BEST
     if best.exists():
         module.load_state_dict(read_checkpoint(best, restart_hint=False)["state_dict"])
-    trainer.validate(module, val_loader, verbose=False)
-    val_metrics = dict(module.last_validation)
+    # The best weights were validated when they were saved (in this process): reuse that.
+    saved = next(
+        (c.saved_metrics for c in trainer.callbacks if isinstance(c, _BestCheckpoint)), None
+    )
+    if saved is None or not best.exists():
+        trainer.validate(module, val_loader, verbose=False)
+        saved = module.last_validation
+    val_metrics = dict(saved)
+    steps_run = int(trainer.global_step) - (resumed_from or 0)
+    images = steps_run * int(train_loader.batch_size or 0) * int(trainer.world_size)
+    clock = next(c for c in trainer.callbacks if isinstance(c, TrainClock))
+    run_seconds = clock.seconds() - clock.before  # this invocation only
+    images_per_second = images / run_seconds if run_seconds > 0 else 0.0
+    print(f"trained {steps_run} steps in {run_seconds:.1f} s: {images_per_second:.1f} images/s")
     test_metrics = {}
+    if not test_loader:  # None, or no loader (no dataset has a 'test' split)
+        test_loader = None
+        print("no 'test' split: no test metrics (validation metrics are on the 'val' split)")
     if test_loader is not None:
         trainer.test(module, test_loader, verbose=False)
         test_metrics = dict(module.last_test)
@@ -327,6 +353,7 @@ def fit_and_test(
         "val": val_metrics,
         "test": test_metrics,
         "train_seconds": seconds,
+        "images_per_second": round(images_per_second, 2),
         "steps": int(trainer.global_step),
         "resumed_from_step": resumed_from,
         "best_checkpoint": best.name if best.exists() else LAST,
