@@ -146,3 +146,17 @@ def test_head_settings_are_checked_with_the_config_before_any_work(tmp_path):
         )
     assert "model.heads: Value error, segmentation: hiden: Extra inputs" in str(err.value)
     assert "command line" in str(err.value)
+
+
+def test_runs_without_a_test_split_print_validation_not_an_empty_test_table(capsys):
+    from must.cli import _print_test
+
+    _print_test({"val": {"depth": {"abs_rel": 0.2}}, "test": {}}, "split 'test'")
+    out = capsys.readouterr().out
+    assert "test (" not in out  # no heading over an empty table
+    assert "no test metrics for all tasks: no 'test' split" in out
+    info = {"test": {"depth": {"abs_rel": 0.2}}, "untested": ["detection"]}
+    _print_test(info, "each teacher's own 'test' split")
+    out = capsys.readouterr().out
+    assert out.startswith("test (each teacher's own 'test' split):\n")
+    assert "abs_rel" in out and "no test metrics for detection" in out

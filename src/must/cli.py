@@ -90,12 +90,22 @@ def _cmd_teach(args: argparse.Namespace) -> int:
 
     info = summary["info"]
     print(f"teacher for {task} written to {args.out} ({info['steps']} steps)")
-    print("validation:")
+    print("validation (split 'val'):")
     print(format_table(info["val"]))
-    if info.get("test"):
-        print("test:")
-        print(format_table(info["test"]))
+    _print_test(info, "split 'test'")
     return 0
+
+
+def _print_test(info: dict, where: str) -> None:
+    """The test table, or what was measured instead where a dataset has no 'test' split."""
+    from must.evaluate import format_table
+
+    if info.get("test"):
+        print(f"test ({where}):")
+        print(format_table(info["test"]))
+    untested = info.get("untested") or ([] if info.get("test") else ["all tasks"])
+    if untested:
+        print(f"no test metrics for {', '.join(untested)}: no 'test' split (validation above)")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -191,8 +201,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     info = summary["info"]
     print(f"student with tasks {', '.join(summary['tasks'])} written to {args.out}")
     print(f"loss weighting: {info['loss_weighting']}")
-    print("test (each teacher's own test split):")
-    print(format_table(info["test"]))
+    if info.get("untested") or not info.get("test"):
+        print("validation (each teacher's own 'val' split):")
+        print(format_table(info["val"]))
+    _print_test(info, "each teacher's own 'test' split")
     return 0
 
 
@@ -233,8 +245,10 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     info = summary["info"]
     mode = "probe (frozen backbone)" if cfg.freeze_backbone else "fine-tuning"
     print(f"{cfg.task} {mode} from {args.backbone} written to {args.out}")
-    print("test (checkpoint selected on validation):")
-    print(format_table(info["test"]))
+    if not info.get("test"):
+        print("validation (split 'val'):")
+        print(format_table(info["val"]))
+    _print_test(info, "split 'test', checkpoint selected on validation")
     return 0
 
 
