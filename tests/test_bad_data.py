@@ -26,19 +26,11 @@ from must.models.model import MultiTaskModel
 from must.tasks import build_task
 from must.teach import teach
 from must.train.data import make_dataset, make_loader, prepare_dataset
-from tiny import TINY_MODEL
+from tiny import TINY_MODEL, TINY_STEPS
 
 H, W = 32, 32
 TINY_BACKBONE = BackboneConfig(depth=10, widths=(8, 16, 32, 64), stem_width=8, fpn_channels=16)
-TEACH = [
-    *TINY_MODEL,
-    "data.image_size=32",
-    "train.batch_size=4",
-    "train.warmup_steps=1",
-    "train.max_steps=2",
-    "train.val_every=2",
-    "train.checkpoint_every=2",
-]
+TEACH = [*TINY_MODEL, *TINY_STEPS]
 
 
 def save_rgb(path: Path, seed: int = 0) -> None:

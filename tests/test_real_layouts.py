@@ -20,7 +20,7 @@ from must.data.readers import MultiTaskDataset
 from must.errors import ConfigError, DataError
 from must.teach import teach
 from must.train.data import make_dataset
-from tiny import TINY_MODEL
+from tiny import TINY_MODEL, TINY_STEPS
 
 H, W = 32, 32
 CLASSES = ["cat", "dog", "frog"]
@@ -73,16 +73,7 @@ def test_per_class_file_numbering_is_keyed_by_path(tmp_path, capsys):
 
 def test_per_class_file_numbering_trains_and_evaluates(tmp_path):
     data = cifar_tree(tmp_path / "d", {"train": 4, "val": 2})
-    overrides = [
-        *TINY_MODEL,
-        f"data.dataset={data}",
-        "data.image_size=32",
-        "train.batch_size=4",
-        "train.warmup_steps=1",
-        "train.max_steps=2",
-        "train.val_every=2",
-        "train.checkpoint_every=2",
-    ]
+    overrides = [*TINY_MODEL, *TINY_STEPS, f"data.dataset={data}"]
     cfg = load_config(TeachConfig, "teach_classification_cpu", overrides)
     summary = teach(cfg, tmp_path / "t", progress=False)
     assert summary["info"]["training"]["classification"]["train_images"] == 12

@@ -23,19 +23,9 @@ from must.config import TeachConfig, load_config
 from must.errors import ConfigError
 from must.teach import teach
 from must.train.module import NonFiniteLossError
-from tiny import TINY_MODEL
+from tiny import TINY_MODEL, TINY_STEPS
 
-TINY = [
-    *TINY_MODEL,
-    "data.num=20",
-    "data.render_size=32",
-    "data.image_size=32",
-    "train.batch_size=4",
-    "train.warmup_steps=1",
-    "train.max_steps=2",
-    "train.val_every=2",
-    "train.checkpoint_every=2",
-]
+TINY = [*TINY_MODEL, "data.num=20", "data.render_size=32", *TINY_STEPS]
 
 
 class Payload:
