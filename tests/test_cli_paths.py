@@ -26,6 +26,7 @@ WRITERS = {
 FILE_WRITERS = {
     "export": ["export", "ckpt", "--out", "{}"],
     "eval": ["eval", "ckpt", "--data", "d", "--json", "{}"],
+    "eval --predictions": ["eval", "ckpt", "--data", "d", "--predictions", "{}"],
     "label show": ["label", "show", "store", "--out", "{}"],
     "label stats": ["label", "stats", "store", "--json", "{}"],
     "data show": ["data", "show", "dataset", "--out", "{}"],
