@@ -307,3 +307,19 @@ print(len(store), rec.origin["classification"], *rec.labels["segmentation"]["seg
     assert out.returncode == 0, out.stderr
     seg_shape = records[KEYS[3]].labels["segmentation"]["seg_map"].shape
     assert out.stdout.split() == ["10", "real", *map(str, seg_shape)]
+
+
+def test_finalizing_a_complete_store_again_writes_nothing(
+    tmp_path: Path, records: dict[str, Record], monkeypatch
+) -> None:
+    # Re-running `must label` on a finished store must work where the store cannot be written
+    # (a read-only mount): finalize() leaves an identical manifest alone.
+    root = tmp_path / "store"
+    w = write_all(root, records)
+    manifest = w.finalize().read_bytes()
+
+    def refuse(path, data):
+        raise PermissionError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr("must.store.shards._atomic_write", refuse)
+    assert w.finalize().read_bytes() == manifest

@@ -1020,5 +1020,8 @@ class ShardWriter:
             if old or _writer_gone(tmp):
                 tmp.unlink(missing_ok=True)
         path = self.root / MANIFEST_FILE
-        _atomic_write(path, _json_bytes(manifest))
+        data = _json_bytes(manifest)
+        # A complete store re-run writes nothing (it may sit in a read-only folder).
+        if not (path.is_file() and path.read_bytes() == data):
+            _atomic_write(path, data)
         return path
