@@ -81,6 +81,19 @@ def test_unwritable_parent_is_refused(tmp_path, capsys, monkeypatch):
         parent.chmod(0o755)
 
 
+def test_output_file_in_an_unwritable_folder_is_refused_before_any_work(
+    tmp_path, capsys, monkeypatch
+):
+    def refuse(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    target = tmp_path / "metrics.json"
+    code, err = _run(FILE_WRITERS["eval"], target, capsys)
+    assert code == 2
+    assert err == f"must: error: {target}: not writable ({tmp_path}: read-only file system)\n"
+
+
 def test_os_errors_during_work_are_one_line(tmp_path, capsys, monkeypatch):
     import must.cli
 

@@ -55,5 +55,9 @@ def output_file(path: str | Path) -> Path:
         raise OutputPathError(f"{path}: is a directory; give a file name")
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputPathError(f"{path}: not writable")
-    output_dir(path.parent)
+    folder = path.parent
+    if folder.is_dir():
+        _probe_writable(folder, path)  # the file will be written: its folder must take it
+    else:
+        output_dir(folder)
     return path
