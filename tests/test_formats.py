@@ -123,7 +123,8 @@ def test_round_trip(tmp_path):
     assert Image.open(tmp_path / "depth/train/toy_000000.png").mode == "I;16"
 
     for split, items in samples.items():
-        ds = MultiTaskDataset(tmp_path, split=split)
+        ds = MultiTaskDataset(tmp_path, split=split, masks=True)
+        assert "instance_masks" not in MultiTaskDataset(tmp_path, split=split)[0]  # not asked
         assert ds.classes["detection"] == CATEGORIES
         assert sorted(ds.keys) == sorted(items)
         for i in range(len(ds)):
@@ -248,7 +249,7 @@ def test_real_data_styles(tmp_path):
                 "bbox": [1, 1, 3, 2],
                 "iscrowd": 0,
             },
-            {  # crowd: not a training target
+            {  # crowd: not a training target, a region detections on are not counted
                 "id": 3,
                 "image_id": 7,
                 "category_id": 7,
@@ -272,6 +273,7 @@ def test_real_data_styles(tmp_path):
                 "image_id": 9,
                 "category_id": 3,
                 "bbox": [4, 3, 8, 6],
+                "area": 33.5,  # COCO's area is taken as given
                 "iscrowd": 0,
                 "segmentation": {"size": [h, w], "counts": c_rle["counts"].decode()},
             },
@@ -308,7 +310,7 @@ def test_real_data_styles(tmp_path):
             "classes": {"segmentation": ["sky", "tree", "road"]},
         },
     )
-    ds = MultiTaskDataset(tmp_path / "dataset.yaml", on_error="skip")
+    ds = MultiTaskDataset(tmp_path / "dataset.yaml", on_error="skip", masks=True)
     assert ds.skipped == []
     assert ds.keys == ["B", "a", "g", "c"]  # sorted by relative path (sub/c.png last)
     assert ds.classes["detection"] == ["person", "car", "dog"]  # sorted by category id
@@ -317,8 +319,13 @@ def test_real_data_styles(tmp_path):
     a = items["a"]
     assert a["image"].shape == (3, h, w)
     assert a["box_labels"].tolist() == [2, 0]
-    # Clipped to the image (overshoot within the 1-pixel tolerance); the crowd box is gone.
+    # Clipped to the image (overshoot within the 1-pixel tolerance); the crowd region apart.
     np.testing.assert_allclose(a["boxes"].numpy(), [[10, 2, w, 10], [1, 1, 4, 3]])
+    np.testing.assert_allclose(a["crowd_boxes"].numpy(), [[0, 0, 5, 5]])
+    assert a["crowd_labels"].tolist() == [1]  # car
+    # No "area" in the JSON: the polygon's area as pycocotools measures it, the box's area.
+    poly = mask_utils.frPyObjects([[10, 2, 19, 2, 19, 9]], h, w)
+    assert a["box_areas"].tolist() == [float(mask_utils.area(poly)[0]), 6.0]
     tri = a["instance_masks"][0].numpy()
     assert tri[2, 18] == 1 and tri[8, 11] == 0 and tri.sum() > 0
     assert a["instance_masks"][1].numpy().sum() == 3 * 2
@@ -335,6 +342,7 @@ def test_real_data_styles(tmp_path):
     c = items["c"]
     np.testing.assert_array_equal(c["image"].permute(1, 2, 0).numpy(), c_rgb)
     assert c["box_labels"].tolist() == [1, 0]
+    assert c["box_areas"].tolist() == [48.0, 33.5] and len(c["crowd_boxes"]) == 0
     for m in c["instance_masks"].numpy():
         np.testing.assert_array_equal(m, c_mask)
     n = c["normals"].numpy()
@@ -343,7 +351,7 @@ def test_real_data_styles(tmp_path):
     g = items["g"]
     assert g["image"].shape == (3, h, w) and "boxes" not in g  # not listed in the COCO file
     report = ds.report()
-    assert "crowd" in report and "nothing skipped" in report
+    assert "4 boxes, 1 crowd regions" in report and "nothing skipped" in report
 
 
 def _uncompressed(mask: np.ndarray) -> list[int]:

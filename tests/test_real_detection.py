@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
@@ -35,7 +36,8 @@ CATEGORY_IDS = {"cat": 3, "dog": 7, "bird": 12}  # non-contiguous, as in COCO
 
 
 def coco_folder(root: Path, splits: tuple[str, ...] = ("train", "val")) -> Path:
-    """A COCO-format dataset of images of mixed sizes with one or two boxes each."""
+    """A COCO-format dataset of images of mixed sizes: one object each (a polygon on every
+    other image, its ``area`` the polygon's), and a crowd region (RLE) on every third."""
     rng = np.random.default_rng(0)
     spec = {"name": "mixed", "splits": {}}
     for split in splits:
@@ -50,16 +52,27 @@ def coco_folder(root: Path, splits: tuple[str, ...] = ("train", "val")) -> Path:
             Image.fromarray(pixels).save(root / split / name)
             images.append({"id": 100 + i, "file_name": name, "width": w, "height": h})
             cid = list(CATEGORY_IDS.values())[i % 3]
-            anns.append(
-                {
-                    "id": len(anns) + 1,
-                    "image_id": 100 + i,
-                    "category_id": cid,
-                    "bbox": [x, y, bw, bh],
-                    "area": bw * bh,
-                    "iscrowd": 0,
-                }
-            )
+            ann = {"bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0}
+            if i % 2:  # a triangle: half the box's area
+                ann["segmentation"] = [[x, y, x + bw, y, x, y + bh]]
+                poly = mask_utils.frPyObjects(ann["segmentation"], h, w)
+                ann["area"] = float(mask_utils.area(poly)[0])
+            anns.append({"id": len(anns) + 1, "image_id": 100 + i, "category_id": cid, **ann})
+            if i % 3 == 0:  # a crowd region over the bottom half, as COCO writes it
+                crowd = np.zeros((h, w), np.uint8, order="F")
+                crowd[h // 2 :, :] = 1
+                rle = mask_utils.encode(crowd)
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": 100 + i,
+                        "category_id": cid,
+                        "bbox": [0, h // 2, w, h - h // 2],
+                        "area": float(mask_utils.area(rle)),
+                        "segmentation": {"size": [h, w], "counts": rle["counts"].decode()},
+                        "iscrowd": 1,
+                    }
+                )
         cats = [{"id": cid, "name": n} for n, cid in CATEGORY_IDS.items()]
         coco = {"images": images, "annotations": anns, "categories": cats}
         (root / f"{split}.json").write_text(json.dumps(coco))
@@ -306,7 +319,8 @@ def test_detection_teacher_trains_on_mixed_sizes_and_eval_matches_cocoeval(
     ours = json.loads(metrics.read_text())["detection"]
     assert ours["map"] == pytest.approx(stats[0], abs=1e-6)
     assert ours["map_50"] == pytest.approx(stats[1], abs=1e-6)
-    assert ours["map_large"] == pytest.approx(stats[5], abs=1e-6)
+    for i, key in enumerate(["map_small", "map_medium", "map_large"], start=3):
+        assert ours[key] == pytest.approx(stats[i], abs=1e-6), key
     assert _coco_ids(ds)[1] == {0: 3, 1: 7, 2: 12}
     assert coco_results(ds, []) == []
 
@@ -343,3 +357,63 @@ def test_student_on_datasets_without_a_test_split_states_it(folder, tmp_path):
     assert info["untested"] == ["detection"] and info["test"] == {}
     assert "detection" in info["val"]
     assert f"{folder} has no 'test' split: no test metrics for detection" in printed.getvalue()
+
+
+def test_a_keep_aspect_teacher_labels_letterboxed_images_in_their_own_pixels(
+    teacher, folder, tmp_path
+):
+    """must label feeds a keep_aspect teacher what training fed it (longer side to the input
+    size, the batch padded to the stride) and stores boxes in each image's own pixels."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from must.checkpoint import load_model
+    from must.data.readers import read_image
+    from must.label import LabelSettings, label_images
+    from must.store import PseudoLabelStore
+
+    info = json.loads((teacher / "summary.json").read_text())["info"]
+    assert info["resize"] == "keep_aspect"
+    out = tmp_path / "store"
+    images = folder / "val"
+    settings = LabelSettings(det_threshold=0.0)
+    label_images([str(teacher)], images, out, settings=settings, batch_size=8, workers=0)
+    store = PseudoLabelStore(out)
+    assert store.manifest["teachers"][0]["resize"] == "keep_aspect"
+    model, _ = load_model(teacher)
+    model.eval()
+    # By hand: each image letterboxed into the batch's padded 64 x 64 input.
+    for key in store.keys:
+        image = torch.from_numpy(read_image(images / f"{key}.png")).permute(2, 0, 1)
+        h, w = image.shape[-2:]
+        fitted = TF.resize(image, None, max_size=64, antialias=True)
+        fh, fw = fitted.shape[-2:]
+        assert max(fh, fw) == 64 and abs(fw / fh - w / h) < 0.05
+        x = torch.zeros(1, 3, 64, 64)
+        x[0, :, :fh, :fw] = fitted.float() / 255.0
+        with torch.inference_mode():
+            pred = model(x)[0]["detection"][0]
+        expected = pred["boxes"] * torch.tensor([w / fw, h / fh, w / fw, h / fh])
+        expected[:, 0::2] = expected[:, 0::2].clamp(0, w)
+        expected[:, 1::2] = expected[:, 1::2].clamp(0, h)
+        rec = store.get(key)
+        assert (rec.height, rec.width) == (h, w)
+        got = rec.labels["detection"]["det_boxes"]
+        assert len(got) and np.allclose(got, expected.numpy(), atol=1e-3)
+
+
+def test_training_reads_no_instance_masks_and_resize_follows_the_trained_task(folder):
+    """Masks are decoded for what draws or crops with them, not for keep_aspect training or
+    evaluation; ``auto`` keeps the aspect only when detection is what the run trains."""
+    from must.train.data import resize_mode
+
+    cfg = DataConfig(dataset=str(folder), image_size=64)
+    for train in (True, False):
+        ds = make_dataset(folder, "train", cfg, train=train)
+        assert ds.resize == "keep_aspect" and not ds.masks
+        assert "instance_masks" not in ds._read(ds._entries[0])
+    square = make_dataset(folder, "train", DataConfig(dataset=str(folder), resize="square"), True)
+    assert square.masks and "instance_masks" in square[0]  # the random crop reads them
+    assert len(MultiTaskDataset(folder, masks=True)[0]["instance_masks"]) == 1
+    ds = MultiTaskDataset(folder)
+    assert resize_mode(cfg, ds, ["classification"]) == "square"
+    assert resize_mode(cfg, ds, ["detection"]) == "keep_aspect"

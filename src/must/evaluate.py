@@ -14,6 +14,7 @@ from must.checkpoint import load_model
 from must.config import DataConfig
 from must.data.readers import MultiTaskDataset
 from must.data.spec import load_spec
+from must.data.transforms import RESIZE_MODES
 from must.errors import ConfigError, DataError
 from must.tasks.base import Task
 from must.tasks.detection import to_original
@@ -45,6 +46,8 @@ def evaluate(
     model, payload = load_model(checkpoint)
     info = payload.get("info", {})
     size = image_size or info.get("image_size", 64)
+    if resize == "auto" and info.get("resize") in RESIZE_MODES:
+        resize = info["resize"]  # fitted as the model was trained
     cfg = DataConfig(
         dataset=data,
         num=num,
@@ -59,7 +62,7 @@ def evaluate(
         split = "test" if "test" in load_spec(root)[0].splits else "val"
         if split == "val":
             print(f"{root} has no 'test' split: evaluating on 'val'")
-    dataset = make_dataset(root, split, cfg, train=False)
+    dataset = make_dataset(root, split, cfg, train=False, tasks=list(model.tasks))
     print(f"metrics on split {split!r} of {dataset.name}")
     shared = [t for t in model.tasks if t in dataset.tasks]
     if not shared:

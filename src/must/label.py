@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from must.store import ENCODINGS, PseudoLabelStore, Record, ShardWriter
 from must.store.dataset import image_locations, write_image_locations
 from must.store.shards import HEADER_FILE, KEYS_FILE, sidecar_name
 from must.tasks.base import Task, label_size
+from must.train.data import pad_samples
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -103,15 +105,30 @@ class Teacher:
     model: MultiTaskModel
     tasks: list[str]
     input_size: tuple[int, int]
+    # Trained with ``resize: keep_aspect``: fed images whose longer side is the input size,
+    # padded to a multiple of ``divisor`` as training batches were.
+    keep_aspect: bool = False
+
+    @property
+    def view(self) -> tuple[int, int, bool]:
+        """How this teacher's input is made from an image (teachers may share one)."""
+        return (*self.input_size, self.keep_aspect)
+
+    @property
+    def divisor(self) -> int:
+        return max([32, *(t.size_divisor for t in self.model.tasks.values())])
 
     def header(self) -> dict[str, Any]:
-        return {
+        out = {
             "path": str(self.path),
             "sha256": self.sha256,
             "tasks": list(self.tasks),
             "classes": {t: self.model.tasks[t].classes or None for t in self.tasks},
             "image_size": list(self.input_size),
         }
+        if self.keep_aspect:
+            out["resize"] = "keep_aspect"
+        return out
 
 
 def _pair(size: Any, where: Path) -> tuple[int, int]:
@@ -158,7 +175,11 @@ def load_teachers(paths: Sequence[str | Path]) -> list[Teacher]:
             tasks.append(name)
         if not tasks:
             raise ConfigError(f"{file}: none of its tasks {list(model.tasks)} can be stored")
-        teachers.append(Teacher(file, file_sha256(file), model, tasks, _pair(size, file)))
+        keep_aspect = payload["info"].get("resize") == "keep_aspect"
+        if keep_aspect and not isinstance(size, int):
+            raise ConfigError(f"{file}: info.resize is keep_aspect but image_size is {size!r}")
+        teacher = Teacher(file, file_sha256(file), model, tasks, _pair(size, file), keep_aspect)
+        teachers.append(teacher)
     return teachers
 
 
@@ -339,14 +360,14 @@ class RealLabels:
 
 
 class _Images(Dataset):
-    """Item ``i`` = image ``i`` of the list, decoded and resized to every input size; an
-    unreadable one comes back with its reason instead."""
+    """Item ``i`` = image ``i`` of the list, decoded and resized to every teacher's view
+    (:attr:`Teacher.view`); an unreadable one comes back with its reason instead."""
 
     def __init__(
-        self, images: ImageSet, sizes: Sequence[tuple[int, int]], real: RealLabels | None
+        self, images: ImageSet, views: Sequence[tuple[int, int, bool]], real: RealLabels | None
     ) -> None:
         self.keys, self.paths = images.keys, images.paths
-        self.sizes = list(sizes)
+        self.views = list(views)
         self.real = real
 
     def __len__(self) -> int:
@@ -371,22 +392,41 @@ class _Images(Dataset):
         size = tuple(image.shape[-2:])
         item["size"] = size
         # The teachers' eval resize (v2.Resize, antialiased) on uint8, as in training.
-        item["inputs"] = {
-            s: image.contiguous() if s == size else TF.resize(image, list(s), antialias=True)
-            for s in self.sizes
-        }
+        item["inputs"] = {}
+        for h, w, keep_aspect in self.views:
+            if keep_aspect:  # the longer side to the input size, the aspect kept
+                x = TF.resize(image, None, max_size=h, antialias=True)
+            else:
+                x = image if (h, w) == size else TF.resize(image, [h, w], antialias=True)
+            item["inputs"][h, w, keep_aspect] = x.contiguous()
         return item
 
 
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+def _collate(items: list[dict[str, Any]], divisors: Mapping[tuple, int]) -> dict[str, Any]:
+    """Inputs stacked per view; images of different sizes (keep_aspect views) padded at the
+    bottom and right as training batches are (:func:`must.train.data.pad_samples`). Each
+    item gets ``fitted``: its image's size within each view's input, before padding."""
     ok = [it for it in items if it["error"] is None]
     inputs = {}
-    if ok:
-        for s in ok[0]["inputs"]:
-            inputs[s] = torch.stack([it["inputs"][s] for it in ok])
+    for view in ok[0]["inputs"] if ok else []:
+        for it in ok:
+            it.setdefault("fitted", {})[view] = tuple(it["inputs"][view].shape[-2:])
+        padded = pad_samples([{"image": it["inputs"][view]} for it in ok], divisors[view])
+        inputs[view] = torch.stack([p["image"] for p in padded])
     for it in ok:
         del it["inputs"]
     return {"items": items, "inputs": inputs}
+
+
+def _unpad(prediction: Any, fitted: tuple[int, int], padded: tuple[int, int]) -> Any:
+    """A dense prediction (C, h, w) cut to the part covering the image (``fitted`` of the
+    ``padded`` input, scaled to the prediction's resolution); others as they are."""
+    if not isinstance(prediction, torch.Tensor) or prediction.dim() < 3:
+        return prediction
+    h, w = prediction.shape[-2:]
+    keep_h = max(1, round(fitted[0] * h / padded[0]))
+    keep_w = max(1, round(fitted[1] * w / padded[1]))
+    return prediction[..., :keep_h, :keep_w]
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -495,7 +535,12 @@ class _ShardSink:
                 pred = predictions[ti][name]
                 one = pred[row]  # a batched tensor, or a list of per-image dicts (detection)
                 task = teacher.model.tasks[name]
-                labels[name] = task.to_store(one, it["size"], teacher.input_size, self.settings)
+                input_size = teacher.input_size
+                if teacher.keep_aspect:
+                    # The image fills the top-left of the padded input: labels from there.
+                    input_size = it["fitted"][teacher.view]
+                    one = _unpad(one, input_size, predictions[ti]["__input__"])
+                labels[name] = task.to_store(one, it["size"], input_size, self.settings)
                 origin[name] = "pseudo"
         for name, fields in real.items():
             labels[name] = fields
@@ -695,7 +740,7 @@ def _run(
     device: torch.device,
     progress: bool,
 ) -> None:
-    sizes = sorted({t.input_size for t in teachers})
+    divisors = {t.view: t.divisor for t in teachers}
     # Batches never span two shards: a shard's batches are the same in every run.
     batches = []
     for i in shards:
@@ -706,10 +751,10 @@ def _run(
             for j in range(0, count, batch_size)
         ]
     loader = DataLoader(
-        _Images(image_set, sizes, real),
+        _Images(image_set, sorted(divisors), real),
         batch_sampler=batches,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=partial(_collate, divisors=divisors),
         pin_memory=device.type == "cuda",
     )
     for t in teachers:
@@ -724,10 +769,11 @@ def _run(
                 predictions: dict[int, Any] = {}
                 if batch["inputs"]:
                     for ti, teacher in enumerate(teachers):
-                        x = batch["inputs"][teacher.input_size].to(device, non_blocking=True)
+                        x = batch["inputs"][teacher.view].to(device, non_blocking=True)
                         with _autocast(device):
                             out, _ = teacher.model(x.float() / 255.0)
                         predictions[ti] = _to_cpu({n: out[n] for n in teacher.tasks})
+                        predictions[ti]["__input__"] = tuple(x.shape[-2:])
                 sink.put(batch["items"], predictions)
                 bar.update(len(batch["items"]))
     except BaseException:

@@ -66,6 +66,12 @@ def open_stores(cfg: StudentConfig) -> list[StoreDataset]:
     return stores
 
 
+def _resize(stores: list[StoreDataset], datasets: list[MultiTaskDataset]) -> str:
+    """How the student's training images were fitted to its input size."""
+    modes = {"square" for _ in stores[:1]} | {d.resize for d in datasets}
+    return modes.pop() if len(modes) == 1 else "mixed"
+
+
 def open_datasets(cfg: StudentConfig, progress: bool) -> list[MultiTaskDataset]:
     """The labelled datasets of ``data.datasets``, each with its own labels only."""
     out = []
@@ -266,7 +272,7 @@ def train_student(
                 untested.append(name)
                 print(f"note: {dataset} has no 'test' split: no test metrics for {name}")
                 continue
-            ds = make_dataset(Path(dataset), split, dcfg, train=False)
+            ds = make_dataset(Path(dataset), split, dcfg, train=False, tasks=[name])
             read.append(ds)
             loaders.append(make_loader(ds, {name: tasks[name]}, tc.batch_size, 0, False))
         eval_sets[name] = dataset
@@ -296,6 +302,8 @@ def train_student(
             for n in names
         },
         "image_size": cfg.data.image_size,
+        # Stores are read as squares; a joined dataset may keep the aspect: "mixed" then.
+        "resize": _resize(stores, datasets),
         "loss_weighting": resolved | {"final": weighting.describe()},
         "init": started,
         "evaluated_on": eval_sets,

@@ -92,16 +92,20 @@ def teach(
         print(f"{out}: this {stage} run is already trained; nothing to do")
         return json.loads((out / SUMMARY_FILE).read_text())
     root = prepare_dataset(cfg.data, progress=progress)
-    train_set = make_dataset(root, "train", cfg.data, train=True)
+    train_set = make_dataset(root, "train", cfg.data, train=True, tasks=[cfg.task])
     require_task(train_set, cfg.task, f"it has: {', '.join(train_set.tasks) or 'no labels'}")
     classes = train_set.classes.get(cfg.task)
     task = build_task(cfg.task, classes, cfg.model.heads.get(cfg.task))
     splits = train_set.spec.splits
     if "val" not in splits:
         raise ConfigError(f"{train_set.manifest}: a 'val' split is needed to select checkpoints")
-    val_set = make_dataset(root, "val", cfg.data, train=False)
+    val_set = make_dataset(root, "val", cfg.data, train=False, tasks=[cfg.task])
     check_classes(val_set, cfg.task, task.classes, "val")
-    test_set = make_dataset(root, "test", cfg.data, train=False) if "test" in splits else None
+    test_set = (
+        make_dataset(root, "test", cfg.data, train=False, tasks=[cfg.task])
+        if "test" in splits
+        else None
+    )
     if test_set is not None:
         check_classes(test_set, cfg.task, task.classes, "test")
 
@@ -139,6 +143,8 @@ def teach(
             }
         },
         "image_size": cfg.data.image_size,
+        # How images were fitted to image_size; must label and must eval do the same.
+        "resize": train_set.resize,
         "skipped": [{"split": d.split, "path": p, "reason": r} for d in read for p, r in d.skipped],
         **result,
         "config": cfg.model_dump(mode="json"),

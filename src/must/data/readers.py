@@ -77,6 +77,8 @@ class _Boxes:
     labels: np.ndarray  # (N,) int64
     segs: list  # per annotation: None (use the box), a list of polygons, or an RLE dict
     checked: bool  # boxes already checked against the image size
+    crowd: list[bool]  # per annotation: COCO's ``iscrowd`` (detection keeps crowd regions)
+    areas: list  # per annotation: COCO's ``area``, or None when absent
 
 
 def _listing(names: list[str], limit: int = 5) -> str:
@@ -266,20 +268,31 @@ def _box_mask(box: np.ndarray, height: int, width: int) -> np.ndarray:
     return mask
 
 
+def _rle(seg: Any, height: int, width: int) -> dict:
+    """The compressed RLE of a checked polygon list or RLE dict (see ``_check_segmentation``)."""
+    if isinstance(seg, list):
+        return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    if list(seg["size"]) != [height, width]:
+        raise ValueError(
+            f"mask size {seg['size'][1]}x{seg['size'][0]} (RLE size [h, w] = "
+            f"{list(seg['size'])}) differs from the image's {_size_str(width, height)}"
+        )
+    return mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
+
+
 def _decode_mask(seg: Any, box: np.ndarray, height: int, width: int) -> np.ndarray:
     """(H, W) uint8 mask of one annotation (checked structure; see ``_check_segmentation``)."""
     if seg is None:
         return _box_mask(box, height, width)
-    if isinstance(seg, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-    else:
-        if list(seg["size"]) != [height, width]:
-            raise ValueError(
-                f"mask size {seg['size'][1]}x{seg['size'][0]} (RLE size [h, w] = "
-                f"{list(seg['size'])}) differs from the image's {_size_str(width, height)}"
-            )
-        rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
-    return np.ascontiguousarray(mask_utils.decode(rle), np.uint8)
+    return np.ascontiguousarray(mask_utils.decode(_rle(seg, height, width)), np.uint8)
+
+
+def _mask_area(seg: Any, box: np.ndarray, height: int, width: int) -> float:
+    """Pixels in one annotation's mask without decoding it; the box's area when it has none
+    (as pycocotools gives a box-only result)."""
+    if seg is None:
+        return float((box[2] - box[0]) * (box[3] - box[1]))
+    return float(mask_utils.area(_rle(seg, height, width)))
 
 
 def _check_segmentation(seg: Any) -> tuple[Any, str | None]:
@@ -356,6 +369,8 @@ class MultiTaskDataset(Dataset):
     ``tasks`` restricts the labels read (default: every task the split describes).
     ``subset`` keeps a seeded random subset of the images (a count, or a fraction in (0, 1]);
     ``subset`` is then ``{"images", "of", "seed"}`` on the reader, else None.
+    ``masks``: decode ``instance_masks`` (off by default: no head reads them, and decoding
+    every mask of every image is costly; drawing and random crops ask for them).
     """
 
     def __init__(
@@ -368,6 +383,7 @@ class MultiTaskDataset(Dataset):
         show_progress: bool = False,
         subset: int | float | None = None,
         subset_seed: int = 0,
+        masks: bool = False,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -388,10 +404,11 @@ class MultiTaskDataset(Dataset):
         self.base = base
         self.transform = transform
         self.on_error = on_error
+        self.masks = masks
+        self.resize = "square"  # how training fits the images (make_dataset decides)
         self.skipped: list[tuple[str, str]] = []
         self.notes: list[str] = []  # warnings: legal but suspicious data
         self.unusable: dict[str, str] = {}  # task -> why its labels could not be used at all
-        self.crowd_ignored = 0
         self.source = spec.splits[split]
         self.tasks = [t for t in self.source.tasks() if tasks is None or t in tasks]
         self.images_root = base / self.source.images
@@ -868,8 +885,9 @@ class MultiTaskDataset(Dataset):
         declared: list[str],
         background: str | None,
     ) -> None:
-        """Categories, images and annotations of a COCO file, for detection (crowd
-        annotations left out) or segmentation (crowd regions kept, to be ignored)."""
+        """Categories, images and annotations of a COCO file, for detection or segmentation.
+        Crowd regions are kept: detection scores detections on them as COCOeval does (neither
+        hit nor miss), segmentation ignores their pixels."""
         # Categories: contiguous indices in sorted-id order, or by name into declared classes.
         cats: dict[int, str] = {}
         for i, cat in enumerate(raw["categories"]):
@@ -970,9 +988,6 @@ class MultiTaskDataset(Dataset):
                 continue
             ann_ids.add(key)
             crowd = bool(ann.get("iscrowd", 0))
-            if crowd and task == "detection":
-                self.crowd_ignored += 1
-                continue
             if "image_id" not in ann:
                 self._problem(path, f"{where}: missing required field 'image_id'")
                 continue
@@ -986,8 +1001,14 @@ class MultiTaskDataset(Dataset):
                 self._problem(path, f"{where}: missing required field {absent[0]!r}")
                 continue
             cid = ann["category_id"]
-            if not crowd and (not isinstance(cid, int) or cid not in cat_index):
+            # A crowd region of detection belongs to a class (it hides that class's objects).
+            named = task == "detection" or not crowd
+            if named and (not isinstance(cid, int) or cid not in cat_index):
                 self._problem(path, f"{where}: unknown category_id {cid!r}")
+                continue
+            area = ann.get("area")
+            if area is not None and not (_is_number(area) and area >= 0):
+                self._problem(path, f"{where}: area {area!r} is not a number >= 0")
                 continue
             box, problem = _check_box(ann["bbox"], image["width"], image["height"])
             if problem is None:
@@ -1005,8 +1026,8 @@ class MultiTaskDataset(Dataset):
             if problem is not None:
                 self._problem(path, f"{where}: {problem}")
                 continue
-            label = -1 if crowd else cat_index[cid]
-            image["anns"].append((ann["id"], box, label, seg))
+            label = cat_index[cid] if named else -1
+            image["anns"].append((ann["id"], box, label, seg, crowd, area))
 
         store = self._det if task == "detection" else self._seg
         for image in coco_images.values():
@@ -1022,14 +1043,19 @@ class MultiTaskDataset(Dataset):
                 labels=np.array([a[2] for a in anns], np.int64),
                 segs=[a[3] for a in anns],
                 checked=image["width"] is not None,
+                crowd=[a[4] for a in anns],
+                areas=[a[5] for a in anns],
             )
         return None
 
     # ----------------------------------------------------------------------------- decoding
 
-    def _read(self, entry: _Entry, bad_anns: list | None = None) -> dict[str, Any]:
-        """Decode one sample as NumPy arrays. Annotation problems are raised, or appended to
-        ``bad_anns`` as (position, problem) with the annotation left out."""
+    def _read(
+        self, entry: _Entry, bad_anns: list | None = None, masks: bool | None = None
+    ) -> dict[str, Any]:
+        """Decode one sample as NumPy arrays (instance masks when ``masks``, default: the
+        reader's setting). Annotation problems are raised, or appended to ``bad_anns`` as
+        (position, problem) with the annotation left out."""
         image = read_image(entry.image)
         height, width = image.shape[:2]
         size = (width, height)
@@ -1038,7 +1064,8 @@ class MultiTaskDataset(Dataset):
             out["classification"] = entry.label
         det = self._det.get(entry.key)
         if det is not None:
-            out.update(self._read_detection(entry, det, height, width, bad_anns))
+            masks = self.masks if masks is None else masks
+            out.update(self._read_detection(entry, det, height, width, bad_anns, masks))
         if "segmentation" in entry.files:
             src = self.source.segmentation
             out["segmentation"] = read_segmentation(
@@ -1099,8 +1126,16 @@ class MultiTaskDataset(Dataset):
         return out
 
     def _read_detection(
-        self, entry: _Entry, det: _Boxes, height: int, width: int, bad_anns: list | None
+        self,
+        entry: _Entry,
+        det: _Boxes,
+        height: int,
+        width: int,
+        bad_anns: list | None,
+        masks: bool,
     ) -> dict[str, np.ndarray]:
+        """Boxes, labels and COCO areas of the objects, crowd regions apart, and (``masks``)
+        the objects' instance masks. An absent ``area`` is the mask's, else the box's."""
         json_path = self._det_json
         if det.width is not None and (det.width, det.height) != (width, height):
             raise DataError(
@@ -1108,7 +1143,9 @@ class MultiTaskDataset(Dataset):
                 f"image {det.file_name}: the JSON says {_size_str(det.width, det.height)} but "
                 f"{entry.image} is {_size_str(width, height)}",
             )
-        keep, boxes, masks = [], [], []
+        objects: list[tuple[int, np.ndarray, float, np.ndarray | None]] = []
+        crowd: list[int] = []
+        crowd_boxes = []
         for i, (ann_id, box, seg) in enumerate(zip(det.ids, det.boxes, det.segs, strict=True)):
             try:
                 if not det.checked:
@@ -1118,23 +1155,36 @@ class MultiTaskDataset(Dataset):
                     if problem is not None:
                         raise ValueError(problem)
                     box = np.array(clipped, np.float32)
-                mask = _decode_mask(seg, box, height, width)
+                if det.crowd[i]:
+                    crowd.append(i)
+                    crowd_boxes.append(box)
+                    continue
+                mask = _decode_mask(seg, box, height, width) if masks else None
+                area = det.areas[i]
+                if area is None:
+                    area = _mask_area(seg, box, height, width)
             except Exception as err:
                 problem = f"annotation id {ann_id} (image {det.file_name}): {err}"
                 if bad_anns is None:
                     raise DataError(json_path, problem) from err
                 bad_anns.append((i, problem))
                 continue
-            keep.append(i)
-            boxes.append(box)
-            masks.append(mask)
-        return {
-            "boxes": np.array(boxes, np.float32).reshape(-1, 4),
+            objects.append((i, box, float(area), mask))
+        keep = [o[0] for o in objects]
+        out = {
+            "boxes": np.array([o[1] for o in objects], np.float32).reshape(-1, 4),
             "box_labels": det.labels[keep],
-            "instance_masks": (
-                np.stack(masks) if masks else np.zeros((0, height, width), np.uint8)
-            ),
+            "box_areas": np.array([o[2] for o in objects], np.float64),
+            "crowd_boxes": np.array(crowd_boxes, np.float32).reshape(-1, 4),
+            "crowd_labels": det.labels[crowd],
+            "kept": np.array(sorted(keep + crowd), np.int64),  # annotation positions read
         }
+        if masks:
+            decoded = [o[3] for o in objects]
+            out["instance_masks"] = (
+                np.stack(decoded) if decoded else np.zeros((0, height, width), np.uint8)
+            )
+        return out
 
     def _validate(self, show_progress: bool) -> None:
         """Skip mode: decode every sample once; drop bad samples and bad annotations."""
@@ -1142,12 +1192,13 @@ class MultiTaskDataset(Dataset):
         def attempt(entry: _Entry):
             bad_anns: list = []
             try:
-                sample = self._read(entry, bad_anns)
+                # Masks decoded once here, so a bad one is found whatever reads them later.
+                sample = self._read(entry, bad_anns, masks=True)
             except DataError as err:
                 return err, bad_anns, None
             except Exception as err:  # anything else still names the sample's image
                 return DataError(entry.image, f"{type(err).__name__}: {err}"), bad_anns, None
-            return None, bad_anns, sample.get("boxes")
+            return None, bad_anns, sample
 
         workers = max(1, min(8, os.cpu_count() or 1))
         kept = []
@@ -1160,29 +1211,36 @@ class MultiTaskDataset(Dataset):
                 unit="img",
                 disable=not show_progress,
             )
-            for entry, (error, bad_anns, boxes) in zip(self._entries, bar, strict=True):
+            for entry, (error, bad_anns, sample) in zip(self._entries, bar, strict=True):
                 if error is not None:
                     self.skipped.append((error.path, error.problem))
                     continue
                 if bad_anns:
                     for _, problem in bad_anns:
                         self.skipped.append((str(self._det_json), problem))
-                    self._drop_annotations(entry.key, [i for i, _ in bad_anns], boxes)
+                    self._drop_annotations(entry.key, sample)
                 kept.append(entry)
         self._entries = kept
 
-    def _drop_annotations(self, key: str, positions: list[int], boxes: np.ndarray) -> None:
+    def _drop_annotations(self, key: str, sample: dict[str, Any]) -> None:
+        """Keep only the annotations ``sample`` read (its boxes checked and clipped)."""
         det = self._det[key]
-        keep = [i for i in range(len(det.ids)) if i not in set(positions)]
+        keep = sample["kept"].tolist()
+        boxes = np.zeros((len(keep), 4), np.float32)
+        crowd = np.array([det.crowd[i] for i in keep], bool)
+        boxes[~crowd] = sample["boxes"]
+        boxes[crowd] = sample["crowd_boxes"]
         self._det[key] = _Boxes(
             file_name=det.file_name,
             width=det.width,
             height=det.height,
             ids=[det.ids[i] for i in keep],
-            boxes=boxes.astype(np.float32).reshape(-1, 4),  # checked and clipped
+            boxes=boxes,
             labels=det.labels[keep],
             segs=[det.segs[i] for i in keep],
             checked=True,
+            crowd=crowd.tolist(),
+            areas=[det.areas[i] for i in keep],
         )
 
     # ----------------------------------------------------------------------------- access
@@ -1215,7 +1273,14 @@ class MultiTaskDataset(Dataset):
                 torch.from_numpy(raw["boxes"]), format="XYXY", canvas_size=(height, width)
             )
             sample["box_labels"] = torch.from_numpy(raw["box_labels"])
-            sample["instance_masks"] = tv_tensors.Mask(torch.from_numpy(raw["instance_masks"]))
+            sample["box_areas"] = torch.from_numpy(raw["box_areas"])
+            sample["crowd_boxes"] = tv_tensors.BoundingBoxes(
+                torch.from_numpy(raw["crowd_boxes"]), format="XYXY", canvas_size=(height, width)
+            )
+            sample["crowd_labels"] = torch.from_numpy(raw["crowd_labels"])
+            if "instance_masks" in raw:
+                masks = torch.from_numpy(raw["instance_masks"])
+                sample["instance_masks"] = tv_tensors.Mask(masks)
         if "segmentation" in raw:
             sample["segmentation"] = tv_tensors.Mask(torch.from_numpy(raw["segmentation"]))
         if "depth" in raw:
@@ -1254,10 +1319,11 @@ class MultiTaskDataset(Dataset):
             if task in self.classes:
                 line += f", {len(self.classes[task])} classes"
             if task == "detection":
-                boxes = sum(len(self._det[e.key].ids) for e in self._entries if e.key in self._det)
-                line += f", {boxes} boxes"
-                if self.crowd_ignored:
-                    line += f", {self.crowd_ignored} crowd annotations ignored"
+                dets = [self._det[e.key] for e in self._entries if e.key in self._det]
+                crowd = sum(sum(d.crowd) for d in dets)
+                line += f", {sum(len(d.ids) for d in dets) - crowd} boxes"
+                if crowd:
+                    line += f", {crowd} crowd regions (detections on them are not counted)"
             if 0 < n < len(self):
                 lacking = [
                     p.relative_to(self.images_root).as_posix() for p in self.unlabelled(task)

@@ -133,7 +133,7 @@ def text_panel(lines: list[str], height: int, width: int) -> torch.Tensor:
 
 def show_dataset(root: str | Path, out: str | Path, split: str = "train", num: int = 8) -> Path:
     """Write a PNG grid: one row per sample (image+boxes+masks, class map, depth, normals)."""
-    dataset = MultiTaskDataset(root, split=split)
+    dataset = MultiTaskDataset(root, split=split, masks=True)
     count = min(num, len(dataset))
     panels = []
     for i in range(count):

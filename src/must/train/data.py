@@ -109,10 +109,13 @@ def augmentation(aug: AugmentConfig, image_size: int, train: bool, resize: str =
     )
 
 
-def make_dataset(root: Path, split: str, cfg: DataConfig, train: bool) -> MultiTaskDataset:
+def make_dataset(
+    root: Path, split: str, cfg: DataConfig, train: bool, tasks: list[str] | None = None
+) -> MultiTaskDataset:
     """A split's reader, cut to ``cfg.subset`` (said on stdout; ``dataset.subset`` has the
     counts); in skip mode (``cfg.skip_bad``) a split left with no sample stops here with the
-    first reasons, not later in the loader."""
+    first reasons, not later in the loader. ``tasks``: what the run trains or scores (default:
+    every task the split has), which decides ``data.resize: auto`` (``dataset.resize``)."""
     dataset = MultiTaskDataset(
         root,
         split=split,
@@ -121,7 +124,10 @@ def make_dataset(root: Path, split: str, cfg: DataConfig, train: bool) -> MultiT
         subset_seed=cfg.subset_seed,
     )
     # The resize mode depends on what the dataset holds, so the transform comes after it.
-    dataset.transform = augmentation(cfg.augment, cfg.image_size, train, resize_mode(cfg, dataset))
+    dataset.resize = resize_mode(cfg, dataset, tasks)
+    # Instance masks only feed the random crop, which drops boxes whose object it cut away.
+    dataset.masks = train and dataset.resize == "square"
+    dataset.transform = augmentation(cfg.augment, cfg.image_size, train, dataset.resize)
     if dataset.subset is not None:
         print(f"{dataset.name} [{split}]: {dataset.subset_text} (data.subset)")
     default_num = DataConfig.model_fields["num"].default
@@ -140,13 +146,16 @@ def make_dataset(root: Path, split: str, cfg: DataConfig, train: bool) -> MultiT
     return dataset
 
 
-def resize_mode(cfg: DataConfig, dataset: MultiTaskDataset) -> str:
-    """``data.resize``, with ``auto`` resolved: aspect-preserving for detection on a dataset
-    folder of real images (any shape), square otherwise (styles render square images)."""
+def resize_mode(cfg: DataConfig, dataset: MultiTaskDataset, tasks: list[str] | None = None) -> str:
+    """``data.resize``, with ``auto`` resolved: aspect-preserving when the run trains (or
+    scores) detection on a dataset folder of real images (any shape), square otherwise:
+    styles render square images, and classification, segmentation and depth train on
+    square crops whatever else the folder labels."""
     if cfg.resize != "auto":
         return cfg.resize
     rendered = "render" in dataset.spec.meta
-    return "keep_aspect" if "detection" in dataset.tasks and not rendered else "square"
+    used = dataset.tasks if tasks is None else [t for t in tasks if t in dataset.tasks]
+    return "keep_aspect" if "detection" in used and not rendered else "square"
 
 
 def require_task(dataset: MultiTaskDataset, task: str, what: str) -> None:
