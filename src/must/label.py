@@ -49,6 +49,8 @@ from must.tasks.base import Task, label_size
 from must.train.data import pad_samples
 
 DEFAULT_BATCH_SIZE = 64
+# Beside a teacher's predictions: the (height, width) its padded keep-aspect batch had.
+PADDED_INPUT = "padded_input_size"
 
 
 # --------------------------------------------------------------------------- settings
@@ -539,7 +541,7 @@ class _ShardSink:
                 if teacher.keep_aspect:
                     # The image fills the top-left of the padded input: labels from there.
                     input_size = it["fitted"][teacher.view]
-                    one = _unpad(one, input_size, predictions[ti]["__input__"])
+                    one = _unpad(one, input_size, predictions[ti][PADDED_INPUT])
                 labels[name] = task.to_store(one, it["size"], input_size, self.settings)
                 origin[name] = "pseudo"
         for name, fields in real.items():
@@ -773,7 +775,7 @@ def _run(
                         with _autocast(device):
                             out, _ = teacher.model(x.float() / 255.0)
                         predictions[ti] = _to_cpu({n: out[n] for n in teacher.tasks})
-                        predictions[ti]["__input__"] = tuple(x.shape[-2:])
+                        predictions[ti][PADDED_INPUT] = tuple(x.shape[-2:])
                 sink.put(batch["items"], predictions)
                 bar.update(len(batch["items"]))
     except BaseException:

@@ -330,6 +330,16 @@ def _check_segmentation(seg: Any) -> tuple[Any, str | None]:
     return None, "segmentation is neither a list of polygons nor an RLE dict"
 
 
+def _fit_box(box: np.ndarray, width: int, height: int) -> np.ndarray:
+    """An XYXY box read before its image's size was known, checked and clipped against it
+    now (raises ValueError with the problem)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    clipped, problem = _check_box([x1, y1, x2 - x1, y2 - y1], width, height)
+    if problem is not None:
+        raise ValueError(problem)
+    return np.array(clipped, np.float32)
+
+
 def _check_box(bbox: Any, width: int | None, height: int | None) -> tuple[list | None, str | None]:
     """COCO [x, y, w, h] -> XYXY, clipped to the image when its size is known; or a problem."""
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
@@ -1105,12 +1115,7 @@ class MultiTaskDataset(Dataset):
         ):
             try:
                 if not anns.checked:
-                    xywh = [float(box[0]), float(box[1]), float(box[2] - box[0])]
-                    xywh.append(float(box[3] - box[1]))
-                    clipped, problem = _check_box(xywh, width, height)
-                    if problem is not None:
-                        raise ValueError(problem)
-                    box = np.array(clipped, np.float32)
+                    box = _fit_box(box, width, height)
                 mask = _decode_mask(seg, box, height, width).astype(bool)
             except Exception as err:
                 raise DataError(
@@ -1149,12 +1154,7 @@ class MultiTaskDataset(Dataset):
         for i, (ann_id, box, seg) in enumerate(zip(det.ids, det.boxes, det.segs, strict=True)):
             try:
                 if not det.checked:
-                    xywh = [float(box[0]), float(box[1]), float(box[2] - box[0])]
-                    xywh.append(float(box[3] - box[1]))
-                    clipped, problem = _check_box(xywh, width, height)
-                    if problem is not None:
-                        raise ValueError(problem)
-                    box = np.array(clipped, np.float32)
+                    box = _fit_box(box, width, height)
                 if det.crowd[i]:
                     crowd.append(i)
                     crowd_boxes.append(box)
