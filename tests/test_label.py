@@ -576,3 +576,26 @@ def test_nothing_is_written_when_the_input_is_refused_before_labelling(root, mul
     with pytest.raises(ConfigError, match=r"segmentation classes \['ground'\]"):
         run([multi], data, out, keep_real=True)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_plain_folder_with_per_class_numbering_is_keyed_like_the_reader(root, pool, multi):
+    """`cat/0001.png` and `dog/0001.png` in a plain folder (no dataset.yaml) are labelled
+    under `cat/0001` and `dog/0001`, as the dataset reader keys them; only one name with two
+    extensions in one folder is refused."""
+    folder = root / "per-class"
+    images = sorted((pool / "images" / "train").glob("*.png"))[:5]
+    names = ["cat/0001.png", "cat/0002.png", "dog/0001.png", "dog/0002.png", "lone.png"]
+    for src, name in zip(images, names, strict=True):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, folder / name)
+    out = root / "per-class-store"
+    assert main(["label", "--teacher", str(multi), "--images", str(folder), "--out", str(out),
+                 "--shard-size", "4", "--workers", "0", "--quiet"]) == 0  # fmt: skip
+    store = PseudoLabelStore(out)
+    assert store.keys == ["cat/0001", "cat/0002", "dog/0001", "dog/0002", "lone"]
+    locations = json.loads((out / "images.json").read_text())
+    assert locations["paths"]["dog/0001"] == "dog/0001.png"
+
+    Image.open(images[0]).save(folder / "dog" / "0001.jpg")
+    with pytest.raises(ConfigError, match=r"same image key 'dog/0001'"):
+        run([multi], folder, root / "per-class-twice")

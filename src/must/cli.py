@@ -79,6 +79,21 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 1 if dataset.skipped else 0
 
 
+def _cmd_data_import(args: argparse.Namespace) -> int:
+    from must.data.importers import FASHION_MNIST_DIR, import_fashion_mnist
+
+    out = import_fashion_mnist(
+        args.out,
+        source=args.source or FASHION_MNIST_DIR,
+        num_per_class=args.num_per_class,
+        val_per_class=args.val_per_class,
+        test_per_class=args.test_per_class,
+        overwrite=args.overwrite,
+    )
+    print(f"{args.dataset} written to {out} (check it with: must data check {out})")
+    return 0
+
+
 def _cmd_teach(args: argparse.Namespace) -> int:
     from must.config import TeachConfig, load_config
     from must.teach import teach
@@ -455,6 +470,36 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("dataset", help="dataset folder (manifest.json or dataset.yaml)")
     check.add_argument("--split", default="train")
     check.set_defaults(func=_cmd_data_check)
+
+    imp = data_verbs.add_parser(
+        "import",
+        help="write a public dataset's files as a dataset folder (ImageFolder + dataset.yaml)",
+        description="fashion-mnist: Fashion-MNIST's IDX files, as Debian's "
+        "dataset-fashion-mnist package installs them, written as images/{train,val,test}/"
+        "<class>/0001.png and a dataset.yaml.",
+    )
+    imp.add_argument("dataset", choices=["fashion-mnist"], help="the dataset to import")
+    imp.add_argument("--out", required=True, help="output folder")
+    imp.add_argument(
+        "--source",
+        default=None,
+        help="folder of the IDX files (default: where the Debian package puts them, "
+        "/usr/share/datasets/fashion-mnist)",
+    )
+    imp.add_argument(
+        "--num-per-class", type=int, default=None, help="training images per class (default all)"
+    )
+    imp.add_argument(
+        "--val-per-class",
+        type=int,
+        default=500,
+        help="validation images per class, held out of the training file (default 500)",
+    )
+    imp.add_argument(
+        "--test-per-class", type=int, default=None, help="test images per class (default all)"
+    )
+    imp.add_argument("--overwrite", action="store_true", help="replace a dataset already there")
+    imp.set_defaults(func=_cmd_data_import, outputs={"out": "dir"})
 
     _training_verb(
         verbs,

@@ -102,6 +102,9 @@ class ExperimentConfig(_Strict):
     # Where styles are rendered; None: inside the run folder. Seeds of one experiment can
     # share a cache (rendering does not depend on the seed).
     data_cache: str | None = None
+    # The folder of your dataset folders: ``{data_root}`` in any string of the file (e.g. a
+    # teacher's ``data.dataset: "{data_root}/coco"``) is replaced by it.
+    data_root: str | None = None
     stages: list[StageName] = list(STAGE_ORDER)
     teachers: dict[TaskName, Step]
     pool: PoolConfig = PoolConfig()
@@ -140,9 +143,35 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
             names = sorted(p.stem for p in experiments_dir().glob("*.yaml"))
             raise ConfigError(f"{path}: no such experiment file or preset ({', '.join(names)})")
         file = candidate
-    cfg = load_config(ExperimentConfig, file, overrides)
+    cfg = fill_data_root(load_config(ExperimentConfig, file, overrides), file)
     check_references(cfg, file)
     return cfg
+
+
+DATA_ROOT = "{data_root}"
+
+
+def fill_data_root(cfg: ExperimentConfig, file: Path) -> ExperimentConfig:
+    """``cfg`` with ``{data_root}`` replaced by ``data_root`` in every string."""
+
+    def fill(node: Any, keys: tuple) -> Any:
+        if isinstance(node, dict):
+            return {k: fill(v, (*keys, k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fill(v, (*keys, i)) for i, v in enumerate(node)]
+        if isinstance(node, str) and DATA_ROOT in node:
+            if cfg.data_root is None:
+                raise ConfigError(
+                    f"{_line(file, *keys)}: {'.'.join(map(str, keys))}: {node!r} names "
+                    "{data_root}: give the folder of your dataset folders, e.g. "
+                    "data_root=/data/real"
+                )
+            return node.replace(DATA_ROOT, cfg.data_root)
+        return node
+
+    raw = cfg.model_dump()
+    filled = fill(raw, ())
+    return cfg if filled == raw else ExperimentConfig.model_validate(filled)
 
 
 def _line(file: Path, *keys: Any) -> str:

@@ -39,7 +39,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from must.checkpoint import file_sha256, load_model, resolve_model_file
-from must.data.readers import IMAGE_EXTENSIONS, MultiTaskDataset, read_image
+from must.data.readers import IMAGE_EXTENSIONS, MultiTaskDataset, image_keys, read_image
 from must.errors import ConfigError, DataError
 from must.models.model import MultiTaskModel
 from must.store import ENCODINGS, PseudoLabelStore, Record, ShardWriter
@@ -190,7 +190,7 @@ def load_teachers(paths: Sequence[str | Path]) -> list[Teacher]:
 
 @dataclass
 class ImageSet:
-    """The ordered images to label: key (file stem) and file of each, under ``root``."""
+    """The ordered images to label: key and file of each, under ``root``."""
 
     source: str  # recorded in the header: the folder the images come from
     root: Path
@@ -290,15 +290,18 @@ def resolve_images(
     files = walk_images(root)
     if not files:
         raise ConfigError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+    # The dataset reader's keys: the stem, or the path under root where stems repeat
+    # (per-class numbering); only one name with two extensions in one folder collides.
+    keys = image_keys(files, root)
     seen: dict[str, Path] = {}
-    for f in files:
-        if f.stem in seen:
+    for key, f in zip(keys, files, strict=True):
+        if key in seen:
             raise ConfigError(
-                f"{root}: {seen[f.stem]} and {f} have the same file stem {f.stem!r}; image keys "
-                "are file stems and must be unique"
+                f"{root}: {seen[key]} and {f} have the same image key {key!r} (one name with "
+                "two extensions in one folder); keep one of them"
             )
-        seen[f.stem] = f
-    return ImageSet(str(path.resolve()), root, [f.stem for f in files], files)
+        seen[key] = f
+    return ImageSet(str(path.resolve()), root, keys, files)
 
 
 # --------------------------------------------------------------------------- real labels

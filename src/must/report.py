@@ -301,9 +301,12 @@ def example_predictions(model_dir: Path, dataset: str, out: Path, num: int = 3) 
     from must.config import AugmentConfig
     from must.data.readers import MultiTaskDataset
     from must.data.show import sample_panels, text_panel
+    from must.data.spec import load_spec
     from must.train.data import augmentation
 
     if not (model_dir / MODEL_FILE).is_file() or not Path(dataset).exists():
+        return None
+    if "test" not in load_spec(dataset)[0].splits:  # a dataset folder without test images
         return None
     model, payload = load_model(model_dir)
     model.eval()
