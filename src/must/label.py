@@ -39,7 +39,13 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from must.checkpoint import file_sha256, load_model, resolve_model_file
-from must.data.readers import IMAGE_EXTENSIONS, MultiTaskDataset, image_keys, read_image
+from must.data.readers import (
+    IMAGE_EXTENSIONS,
+    MultiTaskDataset,
+    image_keys,
+    read_image,
+    walk_files,
+)
 from must.errors import ConfigError, DataError
 from must.models.model import MultiTaskModel
 from must.store import ENCODINGS, PseudoLabelStore, Record, ShardWriter
@@ -202,24 +208,9 @@ class ImageSet:
 
 
 def walk_images(root: Path) -> list[Path]:
-    """Image files under ``root`` (any depth, dot files and folders left out), sorted by
-    relative path: the readers' order. Linked files and folders are followed; paths are
-    as walked (under ``root``), not resolved; a folder reached twice is walked once."""
-    found = []
-    seen = {os.path.realpath(root)}
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        kept = []
-        for d in sorted(dirs):
-            real = os.path.realpath(os.path.join(folder, d))
-            if not d.startswith(".") and real not in seen:  # a link back up would loop
-                seen.add(real)
-                kept.append(d)
-        dirs[:] = kept
-        for name in files:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(Path(folder, name))
-    found.sort(key=lambda p: p.relative_to(root).as_posix())
-    return found
+    """Image files under ``root``, found as the dataset reader finds them (links followed, each
+    folder once, dot files left out), sorted by relative path: the readers' order."""
+    return walk_files(root, IMAGE_EXTENSIONS)
 
 
 def resolve_images(

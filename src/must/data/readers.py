@@ -92,6 +92,35 @@ def _rel_key(path: Path, root: Path) -> str:
     return _strip_ext(path.relative_to(root).as_posix())
 
 
+def walk_files(
+    root: Path, extensions: tuple[str, ...], prune: frozenset[Path] | set[Path] = frozenset()
+) -> list[Path]:
+    """Files under ``root`` with one of ``extensions`` (any case), sorted by relative path;
+    dot files and folders and the (resolved) folders in ``prune`` are left out. Symbolic links
+    to files and folders are followed (each real folder is entered once: no loops); the paths
+    returned stay under ``root`` as written, links unresolved."""
+    found = []
+    visited: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in visited:
+            dirs[:] = []  # a link back to a folder already walked
+            continue
+        visited.add((st.st_dev, st.st_ino))
+        dirs[:] = [
+            d for d in dirs if not d.startswith(".") and Path(folder, d).resolve() not in prune
+        ]
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(extensions):
+                found.append(Path(folder, name))
+    found.sort(key=lambda p: p.relative_to(root).as_posix())
+    return found
+
+
 def image_keys(files: Sequence[Path], root: Path) -> list[str]:
     """The sample key of each image file under ``root``: its file stem, or, where several of
     ``files`` share a stem (per-class numbering), its path under ``root`` without extension."""
@@ -506,32 +535,6 @@ class MultiTaskDataset(Dataset):
             raise DataError(path, problem)
         self.skipped.append((str(path), problem))
 
-    def _walk(self, root: Path, extensions: tuple[str, ...], prune: set[Path]) -> list[Path]:
-        """Files under ``root`` with one of ``extensions`` (any case), sorted by relative path;
-        dot files and folders and the folders in ``prune`` are left out. Symbolic links to
-        files and folders are followed (each real folder is entered once: no loops); the paths
-        returned stay under ``root`` as written, links unresolved."""
-        found = []
-        visited: set[tuple[int, int]] = set()
-        for folder, dirs, files in os.walk(root, followlinks=True):
-            try:
-                st = os.stat(folder)
-            except OSError:
-                dirs[:] = []
-                continue
-            if (st.st_dev, st.st_ino) in visited:
-                dirs[:] = []  # a link back to a folder already walked
-                continue
-            visited.add((st.st_dev, st.st_ino))
-            dirs[:] = [
-                d for d in dirs if not d.startswith(".") and Path(folder, d).resolve() not in prune
-            ]
-            for name in files:
-                if not name.startswith(".") and name.lower().endswith(extensions):
-                    found.append(Path(folder, name))
-        found.sort(key=lambda p: p.relative_to(root).as_posix())
-        return found
-
     def _label_roots(self) -> set[Path]:
         """Label folders of any split (resolved): left out when they lie inside an images folder."""
         roots = set()
@@ -550,7 +553,7 @@ class MultiTaskDataset(Dataset):
         root = self.images_root
         if not root.is_dir():
             raise DataError(root, "images folder not found")
-        files = self._walk(root, IMAGE_EXTENSIONS, self._label_roots())
+        files = walk_files(root, IMAGE_EXTENSIONS, self._label_roots())
         self.num_found = len(files)
         if not files:
             raise DataError(
@@ -731,7 +734,7 @@ class MultiTaskDataset(Dataset):
             self._no_labels_noted.add(task)
             warnings.warn(msg, stacklevel=3)
             return
-        every = self._walk(root, ("",), set())
+        every = walk_files(root, ("",))
         found: dict[str, Path] = {}
         by_stem: dict[str, list[Path]] = {}
         for path in every:
