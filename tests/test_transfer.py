@@ -108,15 +108,19 @@ def test_simclr_views_are_two_different_crops_of_one_image():
     assert not torch.equal(a, b)
 
 
-def test_simclr_writes_a_backbone_that_transfer_accepts(world, tmp_path):
-    _root, cache = world
-    cfg = load_config(
+def tiny_simclr(cache) -> SimCLRConfig:
+    return load_config(
         SimCLRConfig,
         "simclr_cpu",
         [*TINY_MODEL, "train.warmup_steps=1", "train.max_steps=3", "train.val_every=3",
          "train.batch_size=8", "data.num=20", "data.render_size=32", "data.image_size=32",
          f"data.cache={cache}"],
     )  # fmt: skip
+
+
+def test_simclr_writes_a_backbone_that_transfer_accepts(world, tmp_path):
+    _root, cache = world
+    cfg = tiny_simclr(cache)
     summary = pretrain_simclr(cfg, tmp_path / "simclr", progress=False)
     info = summary["info"]
     assert info["steps"] == 3 and summary["tasks"] == {}
@@ -177,13 +181,7 @@ def test_a_missing_backbone_is_refused_before_anything_is_written(tmp_path):
 
 def test_simclr_nan_loss_stops_with_a_clear_error(world, tmp_path, monkeypatch):
     _root, cache = world
-    cfg = load_config(
-        SimCLRConfig,
-        "simclr_cpu",
-        [*TINY_MODEL, "train.warmup_steps=1", "train.max_steps=3", "train.val_every=3",
-         "train.batch_size=8", "data.num=20", "data.render_size=32", "data.image_size=32",
-         f"data.cache={cache}"],
-    )  # fmt: skip
+    cfg = tiny_simclr(cache)
     monkeypatch.setattr(
         "lightly.loss.NTXentLoss.forward", lambda self, a, b: (a.sum() + b.sum()) * float("nan")
     )
