@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from must.checkpoint import load_model
 from must.config import DataConfig
+from must.data.formats import save_json
 from must.data.readers import MultiTaskDataset
 from must.data.spec import load_spec
 from must.data.transforms import RESIZE_MODES
@@ -85,7 +85,7 @@ def evaluate(
     kept: list[tuple[str, dict]] | None = [] if predictions is not None else None
     results = run_metrics(model, dataset, shared, batch_size, progress, kept)
     if predictions is not None:
-        write_json_file(predictions, coco_results(dataset, kept or []))
+        save_json(coco_results(dataset, kept or []), Path(predictions))
         print(f"wrote {len(kept or [])} images' detections as COCO results to {predictions}")
     check_measured(results, {t: model.tasks[t] for t in shared}, dataset)
     return results
@@ -233,9 +233,3 @@ def coco_results(dataset: MultiTaskDataset, detections: list[tuple[str, dict]]) 
                 }
             )
     return out
-
-
-def write_json_file(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))

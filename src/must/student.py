@@ -68,7 +68,7 @@ def open_stores(cfg: StudentConfig) -> list[StoreDataset]:
 
 def _resize(stores: list[StoreDataset], datasets: list[MultiTaskDataset]) -> str:
     """How the student's training images were fitted to its input size."""
-    modes = {"square" for _ in stores[:1]} | {d.resize for d in datasets}
+    modes = {d.resize for d in datasets} | ({"square"} if stores else set())
     return modes.pop() if len(modes) == 1 else "mixed"
 
 
