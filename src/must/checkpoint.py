@@ -18,6 +18,9 @@ import hashlib
 import json
 import os
 import pickle
+import socket
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,22 @@ def build_model(spec: dict[str, Any]) -> MultiTaskModel:
     return MultiTaskModel(backbone, tasks)
 
 
+# Temporaries are named after their writer (as the store's are): two processes writing the
+# same folder at once never write through, or rename away, each other's temporary.
+_HOST = hashlib.sha256(socket.gethostname().encode("utf-8")).hexdigest()[:8]
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` then rename ``tmp`` over ``path``; the temporary is removed on failure."""
+    tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_model(model: MultiTaskModel, out_dir: str | Path, info: dict[str, Any]) -> Path:
     """Write ``model.safetensors`` and ``summary.json`` into ``out_dir`` (each via a temporary
     file, so a killed run never leaves half a model)."""
@@ -63,15 +82,13 @@ def save_model(model: MultiTaskModel, out_dir: str | Path, info: dict[str, Any])
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, **model_spec(model), "info": info}
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = out_dir / f".{MODEL_FILE}.tmp"
     metadata = {META_FORMAT: FORMAT, META_PAYLOAD: json.dumps(payload)}
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, out_dir / MODEL_FILE)
-    summary = {**payload, "sha256": file_sha256(out_dir / MODEL_FILE)}
-    tmp = out_dir / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out_dir / SUMMARY_FILE)
-    return out_dir / MODEL_FILE
+    model_file = out_dir / MODEL_FILE
+    _write_atomic(model_file, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    summary = {**payload, "sha256": file_sha256(model_file)}
+    text = json.dumps(summary, indent=2) + "\n"
+    _write_atomic(out_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
+    return model_file
 
 
 def old_format_message(old: Path) -> str:

@@ -100,6 +100,8 @@ def _cmd_teach(args: argparse.Namespace) -> int:
 
     cfg = load_config(TeachConfig, args.config, args.overrides)
     summary = teach(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    if summary is None:  # another process of a multi-process run: rank 0 reports
+        return 0
     task = cfg.task
     from must.evaluate import format_table
 
@@ -213,6 +215,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"init={json.dumps(args.init)}")
     cfg = load_config(StudentConfig, args.config, overrides)
     summary = train_student(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    if summary is None:  # another process of a multi-process run: rank 0 reports
+        return 0
     info = summary["info"]
     print(f"student with tasks {', '.join(summary['tasks'])} written to {args.out}")
     print(f"loss weighting: {info['loss_weighting']}")
@@ -237,6 +241,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = load_config(SimCLRConfig, args.config, args.overrides)
     summary = pretrain_simclr(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    if summary is None:  # another process of a multi-process run: rank 0 reports
+        return 0
     info = summary["info"]
     print(
         f"SimCLR backbone written to {args.out} ({info['steps']} steps, "
@@ -257,6 +263,8 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     summary = teach(
         cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, stage="transfer"
     )
+    if summary is None:  # another process of a multi-process run: rank 0 reports
+        return 0
     info = summary["info"]
     mode = "probe (frozen backbone)" if cfg.freeze_backbone else "fine-tuning"
     print(f"{cfg.task} {mode} from {args.backbone} written to {args.out}")

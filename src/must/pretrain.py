@@ -26,7 +26,7 @@ from must.models.backbone import Backbone
 from must.models.model import MultiTaskModel
 from must.teach import claim_output
 from must.train.data import check_train_size, prepare_dataset
-from must.train.fit import fit, make_trainer, train_seconds
+from must.train.fit import end_other_processes, fit, make_trainer, train_seconds
 from must.train.module import NonFiniteLossError, optimizer_and_schedule
 
 
@@ -90,9 +90,10 @@ class SimCLRModule(L.LightningModule):
 
 def pretrain_simclr(
     cfg: SimCLRConfig, out: str | Path, overwrite: bool = False, progress: bool = True
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Pre-train a backbone with SimCLR on ``cfg.data``'s train images; writes a backbone-only
-    ``model.safetensors`` + ``summary.json``. Re-running resumes from the last checkpoint."""
+    ``model.safetensors`` + ``summary.json``. Re-running resumes from the last checkpoint.
+    Under a multi-process strategy the processes other than global rank 0 return None."""
     out = Path(out)
     if claim_output(out, dump_yaml(cfg), overwrite):
         print(f"{out}: this backbone is already pre-trained; nothing to do")
@@ -115,6 +116,8 @@ def pretrain_simclr(
     module = SimCLRModule(backbone, cfg)
     trainer = make_trainer(tc, out, progress, select_best=False)
     resumed_from = fit(trainer, module, out, loader)
+    if not end_other_processes(trainer):
+        return None
     info = {
         "stage": "simclr",
         "training": {},

@@ -211,8 +211,9 @@ def store_sampler(sizes: list[int], weights: list[float], seed: int = 0) -> Weig
 
 def train_student(
     cfg: StudentConfig, out: str | Path, overwrite: bool = False, progress: bool = True
-) -> dict:
-    """Train the student; writes ``model.safetensors`` and ``summary.json`` into ``out``."""
+) -> dict | None:
+    """Train the student; writes ``model.safetensors`` and ``summary.json`` into ``out``.
+    Under a multi-process strategy the processes other than global rank 0 return None."""
     out = Path(out)
     if cfg.init is not None:
         check_init(cfg.init)
@@ -284,6 +285,8 @@ def train_student(
     print_notes(read)
     module = MultiTaskModule(model, tc, weighting)
     result = fit_and_test(module, train_loader, val_loaders, test_loaders, tc, out, progress)
+    if result is None:  # another process of a multi-process run: rank 0 finishes it
+        return None
     skipped = [{"split": d.split, "path": p, "reason": r} for d in read for p, r in d.skipped]
     if skipped:
         print(skip_report(read))

@@ -78,13 +78,16 @@ def teach(
     overwrite: bool = False,
     progress: bool = True,
     stage: str = "teacher",
-) -> dict:
+) -> dict | None:
     """Train a single-task model for ``cfg.task`` on ``cfg.data``; writes ``model.safetensors`` and
     ``summary.json`` into ``out`` and returns the summary. Re-running the same command
     resumes from the last checkpoint, or returns at once if it had finished.
 
     ``stage="transfer"`` is ``must transfer``: the backbone comes from ``cfg.init`` and the
-    head always starts afresh (even when the checkpoint has a head of the same task)."""
+    head always starts afresh (even when the checkpoint has a head of the same task).
+
+    Under a multi-process strategy only global rank 0 writes and returns the summary; the
+    other processes return None once training is over."""
     out = Path(out)
     if cfg.init is not None:
         check_init(cfg.init)
@@ -126,6 +129,8 @@ def teach(
         else None,
     ]
     result = fit_and_test(module, *loaders, tc, out, progress=progress)
+    if result is None:  # another process of a multi-process run: rank 0 finishes it
+        return None
     if any(d.skipped for d in read):
         print(skip_report(read))
     info: dict[str, Any] = {

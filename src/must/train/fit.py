@@ -1,6 +1,7 @@
 """Fit a module with Lightning's Trainer: checkpoints every N steps and at the end, resume
 from the last checkpoint, best-on-validation selection, CSV (and TensorBoard) logs, a
 progress bar, mixed precision on GPUs, DDP through the trainer's launcher or torchrun.
+After a multi-process fit only global rank 0 goes on (``end_other_processes``).
 
 Resuming keeps the history: ``logs/metrics.csv`` keeps the rows logged before the resume point
 and the new ones are appended, and the training time is carried in the checkpoint. Checkpoints
@@ -24,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
@@ -241,6 +243,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LitLogger.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    # Our metrics are torchmetrics objects: under DDP they sync across processes when computed.
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
     # A probe keeps its frozen backbone in eval mode on purpose (batch-norm statistics fixed).
     warnings.filterwarnings("ignore", message=".*module.s. in eval mode at the start of training.*")
 
@@ -310,6 +314,34 @@ def make_trainer(
     )
 
 
+def end_other_processes(trainer: L.Trainer) -> bool:
+    """After ``fit`` under a multi-process strategy: every process waits for the others, the
+    process group is torn down, and only global rank 0 goes on (True there, False in the
+    others, which are done). So whatever follows (evaluation, files, printing) happens once,
+    and metrics no longer sync across processes. A single process: True, nothing changes."""
+    if trainer.world_size == 1:
+        return True
+    trainer.strategy.barrier("fit done")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return trainer.is_global_zero
+
+
+def _single_process_trainer(cfg: TrainConfig, device: torch.device, progress: bool) -> L.Trainer:
+    """A trainer for rank 0 alone on ``device``: no distributed sampler, so every image of a
+    split is evaluated exactly once (DDP's sampler pads a split with repeated images)."""
+    return L.Trainer(
+        accelerator=device.type,
+        strategy=SingleDeviceStrategy(device),
+        precision=resolve_precision(cfg),
+        callbacks=[TQDMProgressBar(refresh_rate=5)] if progress else [],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+    )
+
+
 def fit_and_test(
     module: MultiTaskModule,
     train_loader: DataLoader,
@@ -318,26 +350,34 @@ def fit_and_test(
     cfg: TrainConfig,
     out_dir: Path,
     progress: bool = True,
-) -> dict:
+) -> dict | None:
     """Train (resuming from ``checkpoints/last.ckpt`` when present), reload the checkpoint
-    with the best validation score, and evaluate it on validation and test data."""
+    with the best validation score, and evaluate it on validation and test data.
+
+    Under a multi-process strategy the processes other than global rank 0 return None once
+    training is over; rank 0 evaluates the whole splits alone (see ``end_other_processes``)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer = make_trainer(cfg, out_dir, progress)
     resumed_from = fit(trainer, module, out_dir, train_loader, val_loader)
+    world_size, device = int(trainer.world_size), trainer.strategy.root_device
+    if not end_other_processes(trainer):
+        return None
     seconds = train_seconds(trainer)
     best = out_dir / CHECKPOINT_DIR / BEST
     if best.exists():
         module.load_state_dict(read_checkpoint(best, restart_hint=False)["state_dict"])
-    # The best weights were validated when they were saved (in this process): reuse that.
+    # The best weights were validated when they were saved (in this process): reuse that,
+    # unless several processes validated them on padded shares of the split.
     saved = next(
         (c.saved_metrics for c in trainer.callbacks if isinstance(c, _BestCheckpoint)), None
     )
-    if saved is None or not best.exists():
-        trainer.validate(module, val_loader, verbose=False)
+    evaluator = trainer if world_size == 1 else _single_process_trainer(cfg, device, progress)
+    if saved is None or not best.exists() or world_size > 1:
+        evaluator.validate(module, val_loader, verbose=False)
         saved = module.last_validation
     val_metrics = dict(saved)
     steps_run = int(trainer.global_step) - (resumed_from or 0)
-    images = steps_run * int(train_loader.batch_size or 0) * int(trainer.world_size)
+    images = steps_run * int(train_loader.batch_size or 0) * world_size  # every process's
     clock = next(c for c in trainer.callbacks if isinstance(c, TrainClock))
     run_seconds = clock.seconds() - clock.before  # this invocation only
     images_per_second = images / run_seconds if run_seconds > 0 else 0.0
@@ -347,7 +387,7 @@ def fit_and_test(
         test_loader = None
         print("no 'test' split: no test metrics (validation metrics are on the 'val' split)")
     if test_loader is not None:
-        trainer.test(module, test_loader, verbose=False)
+        evaluator.test(module, test_loader, verbose=False)
         test_metrics = dict(module.last_test)
     return {
         "val": val_metrics,

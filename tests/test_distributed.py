@@ -1,0 +1,145 @@
+"""Training with several processes (DDP over gloo on the CPU): only global rank 0 evaluates,
+writes and prints, and its metrics are those of the whole splits, each image counted once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import must.checkpoint as checkpoint
+from must.checkpoint import load_model, save_model
+from must.data.readers import MultiTaskDataset
+from must.evaluate import evaluate
+from must.label import label_images
+from must.models.backbone import BackboneConfig
+from must.models.model import MultiTaskModel
+from must.tasks import build_task
+from tiny import TINY_MODEL
+
+# Three images in 'val' and three in 'test' (30 rendered: 24/3/3): two processes would each
+# get two of them, one image twice, if the final evaluation were shared between them.
+TINY = [
+    *TINY_MODEL,
+    "data.num=30",
+    "data.render_size=32",
+    "data.image_size=32",
+    "train.batch_size=4",
+    "train.warmup_steps=1",
+    "train.max_steps=6",
+    "train.val_every=3",
+    "train.checkpoint_every=3",
+]
+TWO_PROCESSES = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu"]
+
+
+def must(*args: str | Path) -> subprocess.CompletedProcess:
+    """``must ARGS`` in a new process (Lightning starts the second one from its command line)."""
+    command = [sys.executable, "-m", "must.cli", *map(str, args)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> tuple[Path, Path, str]:
+    """A segmentation teacher trained by two processes: (folder, data cache, stdout)."""
+    root = tmp_path_factory.mktemp("ddp")
+    out, cache = root / "teacher", root / "data"
+    proc = must(
+        "teach", "teach_segmentation_cpu", "--out", out, "--quiet",
+        *TINY, f"data.cache={cache}", *TWO_PROCESSES,
+    )  # fmt: skip
+    return out, cache, proc.stdout
+
+
+@pytest.mark.slow
+def test_two_process_teacher_is_written_and_reported_once_with_whole_split_metrics(teacher):
+    out, _cache, stdout = teacher
+    assert stdout.count("teacher for segmentation written to") == 1
+    assert stdout.count("validation (split 'val'):") == 1
+    assert stdout.count("test (split 'test'):") == 1
+    assert stdout.count("trained 6 steps") == 1
+    assert not leftovers(out)
+    model, _ = load_model(out)
+    assert list(model.tasks) == ["segmentation"]
+    info = json.loads((out / "summary.json").read_text())["info"]
+    assert info["steps"] == 6 and info["best_checkpoint"] == "best.ckpt"
+    # Every process's images count: 6 steps of 4 images in each of 2 processes.
+    assert info["images_per_second"] * info["train_seconds"] == pytest.approx(48, rel=0.25)
+    dataset = info["training"]["segmentation"]["dataset"]
+    for split in ("val", "test"):
+        assert len(MultiTaskDataset(dataset, split=split, tasks=[])) % 2 == 1
+        # The model file's figures are those of a single-process evaluation of the split.
+        again = evaluate(out, dataset, split, progress=False)["segmentation"]
+        for metric, value in info[split]["segmentation"].items():
+            assert again[metric] == pytest.approx(value, abs=1e-6), (split, metric)
+
+
+@pytest.mark.slow
+def test_two_process_student_is_written_and_reported_once(teacher, tmp_path):
+    teacher_dir, cache, _ = teacher
+    store = tmp_path / "store"
+    label_images(
+        [str(teacher_dir)], "rooms", store, cache=cache, num=12, render_size=32,
+        shard_size=8, batch_size=4, workers=0, progress=False,
+    )  # fmt: skip
+    out = tmp_path / "student"
+    proc = must(
+        "train", "train_student_cpu", "--store", store, "--out", out, "--quiet",
+        *TINY_MODEL, "data.image_size=32", "train.batch_size=4", "train.warmup_steps=1",
+        "train.max_steps=4", "train.val_every=2", "train.checkpoint_every=2", *TWO_PROCESSES,
+    )  # fmt: skip
+    assert proc.stdout.count("student with tasks segmentation written to") == 1
+    assert proc.stdout.count("test (each teacher's own 'test' split):") == 1
+    assert proc.stdout.count("trained 4 steps") == 1
+    assert not leftovers(out)
+    info = json.loads((out / "summary.json").read_text())["info"]
+    dataset = info["evaluated_on"]["segmentation"]
+    again = evaluate(out, dataset, "test", progress=False)["segmentation"]
+    for metric, value in info["test"]["segmentation"].items():
+        assert again[metric] == pytest.approx(value, abs=1e-6), metric
+
+
+def tiny_model() -> MultiTaskModel:
+    return MultiTaskModel(
+        BackboneConfig(depth=10, widths=[8, 16, 32, 64], stem_width=8, fpn_channels=16),
+        {"depth": build_task("depth", None)},
+    )
+
+
+def test_two_writers_of_one_folder_never_share_a_temporary(tmp_path, monkeypatch):
+    """A second writer finishing while the first is between writing and renaming its model
+    file leaves both writes whole."""
+    real_save_file = checkpoint.save_file
+    calls = []
+
+    def save_file_then_let_another_writer_run(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        calls.append(filename)
+        if len(calls) == 1:
+            save_model(tiny_model(), tmp_path, {"writer": "second"})
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file_then_let_another_writer_run)
+    save_model(tiny_model(), tmp_path, {"writer": "first"})
+    assert calls[0] != calls[1]
+    assert load_model(tmp_path)[1]["info"] == {"writer": "first"}
+    assert not leftovers(tmp_path)
+
+
+def test_a_failed_model_write_leaves_no_temporary(tmp_path, monkeypatch):
+    def fail(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a model")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(tiny_model(), tmp_path, {})
+    assert list(tmp_path.iterdir()) == []
