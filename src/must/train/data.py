@@ -78,8 +78,9 @@ def pad_samples(samples: list[dict], divisor: int) -> list[dict]:
 
 
 class Collator:
-    """Stacks images (as floats in [0, 1]; mixed sizes padded, see :func:`pad_samples`)
-    and lets each task batch its own labels."""
+    """Stacks images (uint8, as read; mixed sizes padded, see :func:`pad_samples`) and lets
+    each task batch its own labels. Images stay uint8 across the loader's process boundary,
+    a quarter of the bytes of floats; the model scales them to [0, 1] (``Backbone``)."""
 
     def __init__(self, tasks: dict[str, Task]) -> None:
         self.tasks = tasks
@@ -87,7 +88,9 @@ class Collator:
 
     def __call__(self, samples: list[dict]) -> Batch:
         samples = pad_samples(samples, self.divisor)
-        images = torch.stack([torch.as_tensor(s["image"]) for s in samples]).float() / 255.0
+        images = torch.stack(
+            [torch.as_tensor(s["image"]).as_subclass(torch.Tensor) for s in samples]
+        )
         targets = {}
         for name, task in self.tasks.items():
             target = task.collate(samples)
