@@ -15,7 +15,12 @@ from must.models.model import MultiTaskModel
 from must.tasks.classification import ClassificationConfig, ClassificationMetric, ClassificationTask
 from must.tasks.depth import DepthConfig, DepthMetric, DepthTask
 from must.tasks.normals import NormalsMetric, NormalsTask
-from must.tasks.segmentation import SegmentationMetric, SegmentationTask, miou_from_confusion
+from must.tasks.segmentation import (
+    SegmentationConfig,
+    SegmentationMetric,
+    SegmentationTask,
+    miou_from_confusion,
+)
 
 TINY = BackboneConfig(depth=10, widths=(8, 16, 32, 64), stem_width=8, fpn_channels=32)
 SIZE = 32
@@ -105,7 +110,7 @@ def test_collate_fills_absent_images_and_flags_them():
     torch.testing.assert_close(targets["classification"]["probs"][0], torch.tensor([1.0, 0, 0]))
     assert targets["classification"]["probs"][1].abs().sum() == 0
     seg = targets["segmentation"]["labels"]
-    assert seg.dtype == torch.int64 and seg.shape == (2, SIZE, SIZE)
+    assert seg.dtype == torch.uint8 and seg.shape == (2, SIZE, SIZE)  # ids and 255 fit
     assert type(seg) is torch.Tensor  # tv_tensors stripped
     assert bool((seg[1] == 255).all()) and not bool((seg[0] == 255).all())
     assert targets["depth"]["depth"].shape == (2, 1, SIZE, SIZE)
@@ -115,6 +120,35 @@ def test_collate_fills_absent_images_and_flags_them():
     for name in NAMES:
         assert targets[name]["present"].tolist() == [True, False]
         assert make_task(name).collate([make_sample(2, labels=())]) is None
+
+
+def test_class_maps_collate_to_int64_when_a_value_or_the_ignore_index_does_not_fit_uint8():
+    def labels(seg: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+        task = SegmentationTask(SEG_CLASSES, SegmentationConfig(ignore_index=ignore_index))
+        samples = [{"segmentation": tv_tensors.Mask(seg)}, {}]  # the second is filled
+        out = task.collate(samples)["labels"]
+        assert torch.equal(out[0].long(), seg) and bool((out[1].long() == ignore_index).all())
+        return out
+
+    seg = torch.tensor([[0, 2], [255, 1]])
+    assert labels(seg).dtype == torch.uint8
+    assert labels(seg, ignore_index=-1).dtype == torch.int64
+    assert labels(seg, ignore_index=300).dtype == torch.int64
+    assert labels(torch.tensor([[0, 2], [256, 1]])).dtype == torch.int64
+    # Loss and metric see the same class ids whichever dtype the batch carries.
+    torch.manual_seed(0)
+    head = SegmentationTask(SEG_CLASSES).build_head(8, 8).eval()
+    feats = {"fused": torch.randn(2, 8, 2, 2)}
+    small = {"labels": labels(seg)}
+    wide = {"labels": small["labels"].long()}
+    results = []
+    for target in (small, wide):
+        logits, loss = head(feats, (2, 2), target)
+        metric = SegmentationMetric(3)
+        metric.update(logits, target)
+        results.append((loss["ce"].detach(), metric.confusion))
+    assert float(results[0][0]) > 0 and results[0][1].sum() == 3  # 3 pixels not ignored
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 
 
 def test_collate_rejects_mismatched_sizes_and_bad_class_ids():

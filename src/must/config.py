@@ -4,13 +4,14 @@ command-line overrides (``train.lr=0.02``). Errors name the file and the dotted 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
     field_validator,
     model_validator,
@@ -21,6 +22,19 @@ from must.errors import ConfigError, describe_validation_error
 from must.models.backbone import BackboneConfig
 
 TaskName = Literal["classification", "detection", "segmentation", "depth", "normals"]
+
+
+def _workers(value: Any) -> int | str:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value == "auto" or (type(value) is int and value >= 0):
+        return value
+    raise ValueError(f"{value!r}: give a number of loader worker processes (0 or more) or auto")
+
+
+# Loader worker processes: a count, or ``auto`` (``must.train.data.resolve_workers``: half the
+# usable CPUs, at most 8, none on two CPUs or fewer).
+Workers = Annotated[int | Literal["auto"], PlainValidator(_workers)]
 
 
 class _Strict(BaseModel):
@@ -48,7 +62,7 @@ class DataConfig(_Strict):
     # dataset folder, square otherwise (scene-world styles render square images).
     resize: Literal["auto", "square", "keep_aspect"] = "auto"
     augment: AugmentConfig = AugmentConfig()
-    num_workers: int = Field(0, ge=0)
+    num_workers: Workers = "auto"
     skip_bad: bool = False  # count and report bad samples instead of stopping
     # Part of a dataset folder: N images (an int) or a fraction (a float in (0, 1]) of each
     # split, or per split ({train: 5000, val: 0.1}; splits not named are used whole). A
@@ -167,7 +181,7 @@ class StudentDataConfig(_Strict):
     store_weights: list[float] | None = None
     image_size: int = Field(64, ge=16)
     augment: AugmentConfig = AugmentConfig()
-    num_workers: int = Field(0, ge=0)
+    num_workers: Workers = "auto"
 
 
 class LossConfig(_Strict):

@@ -52,7 +52,7 @@ from must.store import ENCODINGS, PseudoLabelStore, Record, ShardWriter
 from must.store.dataset import image_locations, write_image_locations
 from must.store.shards import HEADER_FILE, KEYS_FILE, sidecar_name
 from must.tasks.base import Task, label_size
-from must.train.data import pad_samples
+from must.train.data import pad_samples, worker_context
 
 DEFAULT_BATCH_SIZE = 64
 # Beside a teacher's predictions: the (height, width) its padded keep-aspect batch had.
@@ -752,6 +752,7 @@ def _run(
         num_workers=workers,
         collate_fn=partial(_collate, divisors=divisors),
         pin_memory=device.type == "cuda",
+        multiprocessing_context=worker_context(device, workers),
     )
     for t in teachers:
         t.model.to(device).eval()

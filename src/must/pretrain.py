@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from must.checkpoint import SUMMARY_FILE, save_model
@@ -25,7 +25,7 @@ from must.data.readers import MultiTaskDataset
 from must.models.backbone import Backbone
 from must.models.model import MultiTaskModel
 from must.teach import claim_output
-from must.train.data import check_train_size, prepare_dataset
+from must.train.data import make_loader, prepare_dataset
 from must.train.fit import end_other_processes, fit, make_trainer, train_seconds
 from must.train.module import NonFiniteLossError, optimizer_and_schedule
 
@@ -102,14 +102,15 @@ def pretrain_simclr(
     images = MultiTaskDataset(root, split="train", tasks=[])
     pairs = TwoViews(images, simclr_views(cfg.views, cfg.data.image_size))
     tc = cfg.train
-    loader = DataLoader(
+    loader = make_loader(
         pairs,
-        batch_size=tc.batch_size,
-        shuffle=True,
-        drop_last=check_train_size(len(pairs), tc.batch_size, f"{root}: split 'train'"),
-        num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.num_workers > 0,
-        generator=torch.Generator().manual_seed(tc.seed),
+        None,
+        tc.batch_size,
+        cfg.data.num_workers,
+        train=True,
+        seed=tc.seed,
+        accelerator=tc.accelerator,
+        what=f"{root}: split 'train'",
     )
     L.seed_everything(tc.seed, workers=True, verbose=False)
     backbone = Backbone(cfg.model.backbone)

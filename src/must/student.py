@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch.utils.data import (
     ConcatDataset,
-    DataLoader,
     Dataset,
     RandomSampler,
     Sampler,
@@ -28,9 +27,7 @@ from must.store.dataset import StoreDataset
 from must.tasks import build_task
 from must.teach import claim_output
 from must.train.data import (
-    Collator,
     augmentation,
-    check_train_size,
     make_dataset,
     make_loader,
     prepare_dataset,
@@ -242,15 +239,16 @@ def train_student(
     sources: list[Dataset] = [first_images(s, f) for s, f in zip(stores, fractions, strict=True)]
     sources += datasets
     joined = ConcatDataset(sources)
-    train_loader = DataLoader(
+    train_loader = make_loader(
         joined,
-        batch_size=tc.batch_size,
+        tasks,
+        tc.batch_size,
+        cfg.data.num_workers,
+        train=True,
+        seed=tc.seed,  # workers' augmentation seeds
+        accelerator=tc.accelerator,
         sampler=joined_sampler([len(s) for s in sources], cfg.data.store_weights, tc.seed),
-        drop_last=check_train_size(len(joined), tc.batch_size, "the joined training set"),
-        num_workers=cfg.data.num_workers,
-        collate_fn=Collator(tasks),
-        persistent_workers=cfg.data.num_workers > 0,
-        generator=torch.Generator().manual_seed(tc.seed),  # workers' augmentation seeds
+        what="the joined training set",
     )
 
     # Checkpoints are selected on, and finally tested on, each teacher's own val/test splits

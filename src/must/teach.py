@@ -121,10 +121,11 @@ def teach(
     module = MultiTaskModule(model, cfg.train)
     tasks = model.tasks
     tc = cfg.train
+    workers = {"num_workers": cfg.data.num_workers, "accelerator": tc.accelerator}
     loaders = [
-        make_loader(train_set, tasks, tc.batch_size, cfg.data.num_workers, True, tc.seed),
-        make_loader(val_set, tasks, tc.batch_size, cfg.data.num_workers, False),
-        make_loader(test_set, tasks, tc.batch_size, cfg.data.num_workers, False)
+        make_loader(train_set, tasks, tc.batch_size, train=True, seed=tc.seed, **workers),
+        make_loader(val_set, tasks, tc.batch_size, train=False, **workers),
+        make_loader(test_set, tasks, tc.batch_size, train=False, **workers)
         if test_set is not None
         else None,
     ]

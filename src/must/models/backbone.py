@@ -2,7 +2,8 @@
 
 The ResNet is timm's (depth and widths are settings, so a tiny CPU variant and ResNet-50/101/152
 are one setting apart); the pyramid is torchvision's ``FeaturePyramidNetwork`` with P6/P7 from
-P5 as in RetinaNet/MuST. Images are normalised here, once, so heads never normalise again.
+P5 as in RetinaNet/MuST. Images (uint8, or float in [0, 1]) are scaled and normalised here,
+once, so heads never normalise again.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class BackboneConfig(BaseModel):
 
 
 class Backbone(nn.Module):
-    """Images (B, 3, H, W) in [0, 1] -> dict with "c5", "p2".."p7" and "fused"."""
+    """Images (B, 3, H, W), uint8 (0-255) or float in [0, 1] -> dict with "c5", "p2".."p7"
+    and "fused"."""
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
@@ -82,7 +84,11 @@ class Backbone(nn.Module):
         return self.config.fpn_channels
 
     def stages(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        """The ResNet's C2-C5 (images in [0, 1]; normalised here)."""
+        """The ResNet's C2-C5 (images uint8 or float in [0, 1]; normalised here)."""
+        if images.dtype == torch.uint8:
+            # Loaders deliver uint8 (a quarter of the bytes of floats); scaled here, on the
+            # model's device, in float32 whatever autocast does later.
+            images = images.float() / 255.0
         x = (images - self.mean) / self.std
         b = self.body
         x = b.maxpool(b.act1(b.bn1(b.conv1(x))))

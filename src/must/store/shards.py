@@ -246,8 +246,8 @@ class PseudoLabelStore:
 
     Needs only NumPy and ``safetensors``. Shards are opened lazily with
     ``safe_open(..., framework="numpy")`` (memory-mapped: only the tensors asked for are read)
-    and kept open in a small LRU of ``max_open`` handles; after a ``fork`` (DataLoader
-    workers) each process opens its own.
+    and kept open in a small LRU of ``max_open`` handles; loader workers (forked, or sent a
+    pickled copy) each open their own.
 
     A store must be finished (``manifest.json`` with ``complete: true``) unless
     ``allow_incomplete=True``; then the shards written so far are readable, and without a
@@ -403,6 +403,13 @@ class PseudoLabelStore:
     def close(self) -> None:
         """Drop the open shard handles (they are reopened on demand)."""
         self._open.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled for loader workers started by spawn or forkserver: open shard handles do
+        # not cross (each process opens its own); the shards already checked stay checked.
+        state = dict(self.__dict__)
+        state["_open"] = OrderedDict()
+        return state
 
     def check_shard(self, index: int) -> None:
         """Check shard ``index``'s file against its recorded size and SHA-256, once per

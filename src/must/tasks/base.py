@@ -35,7 +35,9 @@ class Batch:
     """A collated batch: stacked images and one batched target per task (None when no image of
     the batch has that task's label)."""
 
-    images: torch.Tensor  # (B, 3, H, W) float in [0, 1]
+    # (B, 3, H, W) uint8 from the loaders (the model scales it to [0, 1]; float images in
+    # [0, 1] are accepted too)
+    images: torch.Tensor
     targets: dict[str, Any]
     keys: list[str]
 

@@ -138,6 +138,16 @@ def collate_dense(
     return out, torch.tensor(present, dtype=torch.bool)
 
 
+def narrow_classes(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Class ids as uint8 when every value and the ignore index fit in 0-255 (an eighth of
+    the bytes of int64 across the loader's process boundary), else unchanged. Losses and
+    metrics take them back to int64 on the model's device."""
+    fits = 0 <= ignore_index <= 255
+    if fits and labels.numel():
+        fits = int(labels.min()) >= 0 and int(labels.max()) <= 255
+    return labels.to(torch.uint8) if fits else labels
+
+
 def _as_label(value: object, key: str, channels: int | None) -> torch.Tensor:
     # tv_tensors (Mask, Image) are plain tensors for batching: stripping the subclass keeps
     # torch ops from re-wrapping results.

@@ -1,8 +1,10 @@
 """Semantic segmentation: per-pixel classes, a pixel head on fused P2, mIoU.
 
-Target (from :meth:`SegmentationTask.collate`): ``{"labels": (B, H, W) int64, "present": (B,)
-bool}``; pixels equal to ``ignore_index`` (255 by default, and every pixel of an image without
-a label) are never learned nor scored. Predictions: logits (B, K, H, W).
+Target (from :meth:`SegmentationTask.collate`): ``{"labels": (B, H, W) uint8 (int64 when a
+value, or the ignore index, does not fit in 0-255), "present": (B,) bool}``; pixels equal to
+``ignore_index`` (255 by default, and every pixel of an image without a label) are never
+learned nor scored. The loss and the metric take the labels as int64 on the model's device.
+Predictions: logits (B, K, H, W).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from must.tasks.pixel import (
     PixelTask,
     PixelTaskConfig,
     collate_dense,
+    narrow_classes,
     resize_nearest,
     resize_to,
     target_field,
@@ -45,7 +48,7 @@ class SegmentationHead(PixelHead):
         logits = self.raw(feats, image_size)
         if target is None:
             return logits, {}
-        labels = target["labels"]
+        labels = target["labels"].long()
         valid = (labels != self.ignore_index).sum()
         # Sum over valid pixels / their count rather than reduction="mean": the mean is NaN
         # when no pixel is valid, while this is an exact zero still connected to the head.
@@ -75,7 +78,7 @@ class SegmentationMetric(Metric):
         target or (B, H, W) class ids."""
         labels, _ = target_field(target, "labels")
         pred = predictions.argmax(1) if predictions.dim() == 4 else predictions
-        labels = labels.to(pred.device)
+        labels = labels.to(pred.device).long()
         # Out-of-vocabulary labels are treated like ignore: they cannot have a matrix row.
         valid = (labels != self.ignore_index) & (labels >= 0) & (labels < self.num_classes)
         k = self.num_classes
@@ -130,7 +133,7 @@ class SegmentationTask(PixelTask):
         if out is None:
             return None
         labels, present = out
-        return {"labels": labels, "present": present}
+        return {"labels": narrow_classes(labels, self.config.ignore_index), "present": present}
 
     def new_metric(self) -> Metric:
         return SegmentationMetric(self.num_classes, self.config.ignore_index)

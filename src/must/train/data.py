@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as TF
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from must.config import AugmentConfig, DataConfig
 from must.data.readers import MultiTaskDataset
@@ -78,8 +81,9 @@ def pad_samples(samples: list[dict], divisor: int) -> list[dict]:
 
 
 class Collator:
-    """Stacks images (as floats in [0, 1]; mixed sizes padded, see :func:`pad_samples`)
-    and lets each task batch its own labels."""
+    """Stacks images (uint8, as read; mixed sizes padded, see :func:`pad_samples`) and lets
+    each task batch its own labels. Images stay uint8 across the loader's process boundary,
+    a quarter of the bytes of floats; the model scales them to [0, 1] (``Backbone``)."""
 
     def __init__(self, tasks: dict[str, Task]) -> None:
         self.tasks = tasks
@@ -87,7 +91,9 @@ class Collator:
 
     def __call__(self, samples: list[dict]) -> Batch:
         samples = pad_samples(samples, self.divisor)
-        images = torch.stack([torch.as_tensor(s["image"]) for s in samples]).float() / 255.0
+        images = torch.stack(
+            [torch.as_tensor(s["image"]).as_subclass(torch.Tensor) for s in samples]
+        )
         targets = {}
         for name, task in self.tasks.items():
             target = task.collate(samples)
@@ -194,28 +200,94 @@ def check_train_size(size: int, batch_size: int, what: str) -> bool:
     return size >= batch_size
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and ``taskset``
+    narrow), not every CPU of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_workers(setting: int | Literal["auto"]) -> int:
+    """``data.num_workers``: an int as given; ``auto``: half the usable CPUs, at most 8, and
+    none on two CPUs or fewer.
+
+    A loader worker is a process decoding and augmenting images next to the training step's
+    compute threads; on a machine with few cores it takes cores from them, so loading stays
+    in the main process there. This rule is the one place to change when measurements
+    (0 vs 1 worker on a two-core machine, say) call for another."""
+    if setting != "auto":
+        return int(setting)
+    cpus = usable_cpus()
+    return 0 if cpus <= 2 else min(8, cpus // 2)
+
+
+def worker_context(
+    accelerator: str | torch.device, num_workers: int
+) -> multiprocessing.context.BaseContext | None:
+    """How loader workers start, for a process that computes on ``accelerator`` (a Lightning
+    accelerator name such as ``auto``/``gpu``/``cpu``, or a device). Every DataLoader of the
+    package takes its ``multiprocessing_context`` from here.
+
+    CPU: None, the platform's default (``fork`` on Linux: workers start at once and share
+    the parent's memory). Any other device: ``forkserver``. A process that has used CUDA
+    holds a driver context and driver threads that a forked child inherits in an undefined
+    state ("DataLoader worker exited unexpectedly"); forkserver workers are forked from a
+    clean server process that never touched the GPU. The server imports this module (and so
+    torch) once, so each worker starts without importing torch again. Everything a worker
+    receives (dataset, transforms, collate function) is pickled."""
+    if num_workers == 0:
+        return None  # DataLoader refuses a start method without worker processes
+    kind = accelerator.type if isinstance(accelerator, torch.device) else str(accelerator)
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu":
+        return None
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def make_loader(
     dataset: Dataset,
-    tasks: dict[str, Task],
+    tasks: dict[str, Task] | None,
     batch_size: int,
-    num_workers: int,
+    num_workers: int | Literal["auto"],
     train: bool,
     seed: int = 0,
+    *,
+    accelerator: str | torch.device = "auto",
+    sampler: Sampler | None = None,
+    what: str | None = None,
 ) -> DataLoader:
+    """The loader of every training and evaluation run: batches through :class:`Collator`
+    (``tasks``; None: the default collate), shuffled when ``train`` (unless a ``sampler``
+    draws the order), the last partial training batch dropped (``what`` names the set in
+    the refusal of :func:`check_train_size`). ``num_workers`` is resolved by
+    :func:`resolve_workers`; workers persist across epochs and start as
+    :func:`worker_context` says for ``accelerator``. ``seed`` seeds the shuffle and the
+    workers' augmentation seeds."""
     generator = torch.Generator().manual_seed(seed)
+    workers = resolve_workers(num_workers)
     drop_last = False
     if train:
-        what = "the training set"
-        if isinstance(dataset, MultiTaskDataset):
-            what = f"{dataset.manifest}: split {dataset.split!r}"
+        if what is None:
+            what = "the training set"
+            if isinstance(dataset, MultiTaskDataset):
+                what = f"{dataset.manifest}: split {dataset.split!r}"
         drop_last = check_train_size(len(dataset), batch_size, what)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         drop_last=drop_last,
-        num_workers=num_workers,
-        collate_fn=Collator(tasks),
-        persistent_workers=num_workers > 0,
+        num_workers=workers,
+        collate_fn=Collator(tasks) if tasks is not None else None,
+        persistent_workers=workers > 0,
+        multiprocessing_context=worker_context(accelerator, workers),
         generator=generator,
     )
