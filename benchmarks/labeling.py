@@ -4,7 +4,7 @@ Measures, on this machine:
 - the ``must label`` pipeline (decode in DataLoader workers, forward passes, conversion to
   store fields, shard writing) in images/s, against the bare forward passes of the same
   teachers on the same images (same batch size, images already decoded, resized and in
-  memory as float tensors): the ratio is the pipeline's overhead (target >= 0.85);
+  memory as float tensors): the ratio is the pipeline's overhead (target >= 0.95);
 - the store's bytes per image (shards only, and with the manifest and sidecars);
 - random reads (``PseudoLabelStore.get`` of every key in shuffled order, one fresh reader) in
   reads/s, against the rate a student training step consumes images: forward + backward +
@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=5)
     parser.add_argument("--teacher", action="append", default=None, help="use these instead")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations, best of each")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved (bare, pipeline) pairs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     if args.threads:
@@ -210,22 +210,27 @@ def main() -> None:
         )
         teachers = args.teacher or make_teachers(root, args.size)
         paths = MultiTaskDataset(pool, tasks=[]).image_paths
-        # Alternate the two, best of --rounds each: this machine's load drifts.
-        bares, pipes = [], []
+        # Interleaved pairs (bare, pipeline): this machine's load drifts, so each pair's
+        # ratio is taken side by side and the median ratio reported with its spread.
+        bares, pipes, ratios = [], [], []
         store = root / "store"
         for _ in range(args.rounds):
             bares.append(bare_forward(teachers, paths, args.batch_size))
-            print(f"bare forward passes: {bares[-1]:.1f} images/s")
             pipes.append(
                 pipeline(teachers, pool, store, args.batch_size, args.workers, args.shard_size)
             )
-            print(f"must label loop: {pipes[-1]['loop_images_per_s']:.1f} images/s")
-        bare = max(bares)
-        pipe = max(pipes, key=lambda p: p["loop_images_per_s"])
-        ratio = pipe["loop_images_per_s"] / bare
+            ratios.append(pipes[-1]["loop_images_per_s"] / bares[-1])
+            print(
+                f"bare forward passes: {bares[-1]:.1f} images/s; must label loop: "
+                f"{pipes[-1]['loop_images_per_s']:.1f} images/s; ratio {ratios[-1]:.3f}"
+            )
+        order = sorted(range(len(ratios)), key=ratios.__getitem__)
+        mid = order[len(order) // 2]  # the pair with the median ratio
+        bare, pipe, ratio = bares[mid], pipes[mid], ratios[mid]
         print(
             f"must label: {pipe['loop_images_per_s']:.1f} images/s in its loop "
-            f"({pipe['wall_images_per_s']:.1f} with start-up) = {ratio:.2f}x bare forward"
+            f"({pipe['wall_images_per_s']:.1f} with start-up) = {ratio:.2f}x bare forward "
+            f"(median of {len(ratios)} pairs, range {min(ratios):.3f}-{max(ratios):.3f})"
         )
         size = store_size(store)
         print(f"store: {size['shard_bytes_per_image']:.0f} bytes/image in shards")
@@ -238,7 +243,10 @@ def main() -> None:
         "pipeline_loop_rounds": [p["loop_images_per_s"] for p in pipes],
         **{f"pipeline_{k}": v for k, v in pipe.items()},
         "ratio_to_bare": ratio,
-        "target_ratio": 0.85,
+        "ratio_rounds": ratios,
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "target_ratio": 0.95,
     }
     results["store"] = size
     results["reads"] = {
@@ -254,7 +262,7 @@ def main() -> None:
     (out / "labeling.json").write_text(json.dumps(results, indent=2) + "\n")
     m = results["machine"]
     lab, rd = results["labeling"], results["reads"]
-    ok = "meets" if ratio >= 0.85 else "misses"
+    ok = "meets" if ratio >= 0.95 else "misses"
     ok_reads = "meets" if rd["ratio"] >= 20 else "misses"
     lines = [
         "# Pseudo-labelling",
@@ -270,7 +278,8 @@ def main() -> None:
         f"{args.num} images of the mixed style at {args.size} px; four teachers (one per task, "
         "CPU preset architectures)"
         + (" with random weights" if not args.teacher else "")
-        + f", batch {args.batch_size}; best of {args.rounds} alternating rounds.",
+        + f", batch {args.batch_size}; {args.rounds} interleaved (bare, pipeline) pairs, the "
+        "pair with the median ratio shown, with the range of the ratios.",
         "",
         "| measure | value |",
         "|---|---:|",
@@ -279,7 +288,8 @@ def main() -> None:
         f"{lab['pipeline_loop_images_per_s']:.1f} |",
         f"| `must label` pipeline, with start-up (images/s) | "
         f"{lab['pipeline_wall_images_per_s']:.1f} |",
-        f"| pipeline / bare forward (target ≥ 0.85: {ok}) | {lab['ratio_to_bare']:.2f} |",
+        f"| pipeline / bare forward, median [min, max] (target ≥ 0.95: {ok}) | "
+        f"{lab['ratio_to_bare']:.3f} [{lab['ratio_min']:.3f}, {lab['ratio_max']:.3f}] |",
         f"| store bytes per image (shards) | {size['shard_bytes_per_image']:.0f} |",
         f"| store bytes per image (all files) | {size['all_bytes_per_image']:.0f} |",
         f"| random reads, shuffled keys (reads/s) | {rd['random_reads_per_s']:.0f} |",

@@ -214,3 +214,22 @@ def test_backbone_loads_local_torchvision_and_timm_state_dicts(tmp_path):
     assert torch.equal(
         b.body.conv1.weight, torch.load(ours, weights_only=True)["backbone.body.conv1.weight"]
     )
+
+
+def test_run_recorded_before_num_workers_auto_is_still_the_same_run(seg_teacher, cache):
+    # Runs written when num_workers defaulted to 0 recorded it; how data is loaded does not
+    # change what a run trains, so such a finished run is neither refused nor retrained.
+    config = seg_teacher / "config.yaml"
+    text = config.read_text()
+    assert "num_workers: auto" in text
+    config.write_text(text.replace("num_workers: auto", "num_workers: 0"))
+    stamp = (seg_teacher / "model.safetensors").stat().st_mtime_ns
+    try:
+        teach(tiny("teach_segmentation_cpu", cache), seg_teacher, progress=False)
+        assert (seg_teacher / "model.safetensors").stat().st_mtime_ns == stamp
+        with pytest.raises(ConfigError, match="another config"):
+            teach(
+                tiny("teach_segmentation_cpu", cache, "train.lr=0.3"), seg_teacher, progress=False
+            )
+    finally:
+        config.write_text(text)

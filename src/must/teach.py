@@ -27,6 +27,25 @@ from must.train.fit import CHECKPOINT_DIR, fit_and_test
 from must.train.module import MultiTaskModule
 
 CONFIG_FILE = "config.yaml"
+# Settings of how a run executes, not of what it trains: a finished or interrupted run is
+# still the same run when only these differ (runs written before ``num_workers: auto`` became
+# the default recorded 0).
+EXECUTION_ONLY = (("data", "num_workers"),)
+
+
+def same_run(recorded: Any, current: Any) -> bool:
+    """Whether two configs (as loaded from YAML) describe the same training."""
+
+    def strip(cfg: Any) -> Any:
+        if not isinstance(cfg, dict):
+            return cfg
+        cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
+        for section, key in EXECUTION_ONLY:
+            if isinstance(cfg.get(section), dict):
+                cfg[section].pop(key, None)
+        return cfg
+
+    return strip(recorded) == strip(current)
 
 
 def claim_output(out: Path, config_text: str, overwrite: bool) -> bool:
@@ -37,9 +56,12 @@ def claim_output(out: Path, config_text: str, overwrite: bool) -> bool:
     """
     config_file = out / CONFIG_FILE
     if config_file.exists():
-        same = yaml.safe_load(config_file.read_text()) == yaml.safe_load(config_text)
-        if same:
-            return (out / SUMMARY_FILE).exists()
+        if same_run(yaml.safe_load(config_file.read_text()), yaml.safe_load(config_text)):
+            if (out / SUMMARY_FILE).exists():
+                return True
+            if config_file.read_text() != config_text:
+                config_file.write_text(config_text)  # resumed with the current settings
+            return False
         if not overwrite:
             raise ConfigError(
                 f"{out}: holds a run with another config ({config_file}); "
