@@ -355,3 +355,24 @@ def resolve_preset(path: str | Path) -> Path:
 
 def dump_yaml(model: BaseModel) -> str:
     return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
+
+
+# Settings of how a run executes, not of what it trains: a finished or interrupted run is
+# still the same run when only these differ (runs written before ``num_workers: auto`` became
+# the default recorded 0).
+EXECUTION_ONLY = (("data", "num_workers"),)
+
+
+def same_run(recorded: Any, current: Any) -> bool:
+    """Whether two configs (as loaded from YAML) describe the same training."""
+
+    def strip(cfg: Any) -> Any:
+        if not isinstance(cfg, dict):
+            return cfg
+        cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
+        for section, key in EXECUTION_ONLY:
+            if isinstance(cfg.get(section), dict):
+                cfg[section].pop(key, None)
+        return cfg
+
+    return strip(recorded) == strip(current)

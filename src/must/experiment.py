@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from must.checkpoint import SUMMARY_FILE
@@ -37,6 +38,7 @@ from must.config import (
     dump_yaml,
     load_config,
     presets_dir,
+    same_run,
 )
 from must.errors import ConfigError, MustError, nearest_line
 
@@ -262,7 +264,9 @@ def _trained(stage: str, name: str, out: Path, train: Callable, cfg: BaseModel) 
 
     def done() -> bool:
         config = out / "config.yaml"
-        return (out / SUMMARY_FILE).is_file() and config.is_file() and config.read_text() == text
+        if not ((out / SUMMARY_FILE).is_file() and config.is_file()):
+            return False
+        return same_run(yaml.safe_load(config.read_text()), yaml.safe_load(text))
 
     return Job(stage, name, out, lambda: train(cfg, out), done)
 

@@ -17,7 +17,7 @@ from must.checkpoint import (
     initialise,
     save_model,
 )
-from must.config import TeachConfig, dump_yaml
+from must.config import TeachConfig, dump_yaml, same_run
 from must.data.readers import MultiTaskDataset, skip_report
 from must.errors import ConfigError
 from must.models.model import MultiTaskModel
@@ -27,25 +27,6 @@ from must.train.fit import CHECKPOINT_DIR, fit_and_test
 from must.train.module import MultiTaskModule
 
 CONFIG_FILE = "config.yaml"
-# Settings of how a run executes, not of what it trains: a finished or interrupted run is
-# still the same run when only these differ (runs written before ``num_workers: auto`` became
-# the default recorded 0).
-EXECUTION_ONLY = (("data", "num_workers"),)
-
-
-def same_run(recorded: Any, current: Any) -> bool:
-    """Whether two configs (as loaded from YAML) describe the same training."""
-
-    def strip(cfg: Any) -> Any:
-        if not isinstance(cfg, dict):
-            return cfg
-        cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
-        for section, key in EXECUTION_ONLY:
-            if isinstance(cfg.get(section), dict):
-                cfg[section].pop(key, None)
-        return cfg
-
-    return strip(recorded) == strip(current)
 
 
 def claim_output(out: Path, config_text: str, overwrite: bool) -> bool:
