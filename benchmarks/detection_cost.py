@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -48,8 +50,9 @@ VARIANTS = {
 TASKS = ("classification", "detection", "segmentation", "depth")
 
 
-def step_gflop(work: Path, student: bool, head: list[str], batch: int) -> float:
-    """FLOPs of one training step (forward + backward) on a rendered batch of 64 px images."""
+def training_step_setup(work: Path, student: bool, head: list[str], batch: int):
+    """A model (random weights, train mode), one rendered batch of 64 px images and an
+    optimizer: the detection teacher alone, or the four-task student."""
     from must.data.readers import MultiTaskDataset
     from must.data.render import render_dataset
 
@@ -69,11 +72,54 @@ def step_gflop(work: Path, student: bool, head: list[str], batch: int) -> float:
     torch.manual_seed(0)
     model = MultiTaskModel(cfg.model.backbone, tasks).train()
     data = Collator(tasks)([dataset[i % len(dataset)] for i in range(batch)])
+    return model, data, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def train_step(model: MultiTaskModel, data, opt) -> None:
+    _, losses = model(data.images, data.targets)
+    total = sum(v for terms in losses.values() for v in terms.values())
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    opt.step()
+
+
+def step_gflop(model: MultiTaskModel, data) -> float:
+    """FLOPs of one training step (forward + backward)."""
     counter = FlopCounterMode(display=False)
     with counter:
         _, losses = model(data.images, data.targets)
         sum(v for terms in losses.values() for v in terms.values()).backward()
+    model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / 1e9
+
+
+def step_costs(work: Path, rounds: int, steps: int) -> dict:
+    """GFLOP and ms per training step of each variant, for the teacher's batch (16) and the
+    student's (four tasks, 32), timed round-robin (``rounds`` x ``steps`` steps each)."""
+    setups = {
+        (name, who): training_step_setup(
+            work, who == "student", head, 32 if who == "student" else 16
+        )
+        for name, head in VARIANTS.items()
+        for who in ("teacher", "student")
+    }
+    gflop = {key: step_gflop(model, data) for key, (model, data, _) in setups.items()}
+    for setup in setups.values():
+        train_step(*setup)  # warm-up
+    times: dict = {key: [] for key in setups}
+    for _ in range(rounds):
+        for key, setup in setups.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                train_step(*setup)
+            times[key].append(1000 * (time.perf_counter() - start) / steps)
+    out: dict = {}
+    for (name, who), t in times.items():
+        out.setdefault(name, {})[who] = {
+            "gflop": gflop[name, who],
+            "ms_per_step": {"median": statistics.median(t), "min": min(t), "max": max(t)},
+        }
+    return out
 
 
 def main() -> None:
@@ -81,6 +127,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--work", default="runs/bench-detection-cost")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the step timing")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timing")
     parser.add_argument("overrides", nargs="*", help="overrides for every variant")
     args = parser.parse_args()
     results: dict = {
@@ -88,6 +136,8 @@ def main() -> None:
         "settings": vars(args),
         "variants": {},
     }
+    # Finished teachers in --work are reused (must teach skips a finished run), so a rerun
+    # only measures the steps again.
     for name, head in VARIANTS.items():
         runs = []
         for seed in args.seeds:
@@ -106,12 +156,10 @@ def main() -> None:
                 }
             )
             print(f"{name} seed {seed}: val {runs[-1]['val']}, {info['train_seconds']} s")
-        results["variants"][name] = {
-            "overrides": head,
-            "runs": runs,
-            "teacher_step_gflop": step_gflop(Path(args.work), False, head, cfg.train.batch_size),
-            "student_step_gflop": step_gflop(Path(args.work), True, head, 32),
-        }
+        results["variants"][name] = {"overrides": head, "runs": runs}
+    results["load_steps"] = round(os.getloadavg()[0], 2)
+    for name, costs in step_costs(Path(args.work), args.rounds, args.steps).items():
+        results["variants"][name]["steps"] = costs
     results["load_after"] = round(os.getloadavg()[0], 2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,13 +175,13 @@ def report(r: dict) -> str:
         "",
         f"Command: `python benchmarks/detection_cost.py --seeds {' '.join(map(str, s['seeds']))}"
         + (" " + " ".join(s["overrides"]) if s["overrides"] else "")
-        + f"`. Load average {r['load_before']} before, {r['load_after']} after (training "
-        "seconds are only comparable when both are low). Variants are compared on validation "
-        "(mAP@0.5 of the selected checkpoint); test is reported alongside.",
+        + "`. Variants are compared on validation (mAP@0.5 of the selected checkpoint); test "
+        "is reported alongside, not used to choose.",
         "",
-        "| variant | head overrides | val map_50 | val map | test map_50 | test map "
-        "| train s | GFLOP/step teacher (batch 16) | GFLOP/step student (4 tasks, batch 32) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "## Quality (detection teacher, CPU preset schedule)",
+        "",
+        "| variant | head overrides | val map_50 | val map | test map_50 | test map |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for name, v in r["variants"].items():
         for run in v["runs"]:
@@ -141,11 +189,35 @@ def report(r: dict) -> str:
                 f"| {name} (seed {run['seed']}) | "
                 + ", ".join(o.split(".")[-1] for o in v["overrides"])
                 + f" | {run['val']['map_50']:.3f} | {run['val']['map']:.3f} "
-                f"| {run['test']['map_50']:.3f} | {run['test']['map']:.3f} "
-                f"| {run['train_seconds']:.0f} | {v['teacher_step_gflop']:.1f} "
-                f"| {v['student_step_gflop']:.1f} |"
+                f"| {run['test']['map_50']:.3f} | {run['test']['map']:.3f} |"
             )
+    lines += [
+        "",
+        "## Cost of one training step (forward + backward + SGD step, 64 px)",
+        "",
+        f"Load average {r['load_steps']} when the timing started, {r['load_after']} after; "
+        f"{s['rounds']} round-robin rounds of {s['steps']} steps, median [min, max].",
+        "",
+        "| variant | teacher GFLOP (batch 16) | teacher ms/step | student GFLOP (4 tasks, "
+        "batch 32) | student ms/step |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, v in r["variants"].items():
+        t, st = v["steps"]["teacher"], v["steps"]["student"]
+        lines.append(f"| {name} | {t['gflop']:.1f} | {_ms(t)} | {st['gflop']:.1f} | {_ms(st)} |")
+    before, sized = (r["variants"][k]["steps"] for k in ("before", "sized"))
+    for who in ("teacher", "student"):
+        a, b = before[who], sized[who]
+        lines.append(
+            f"\n{who.capitalize()} step, sized / before: FLOPs {b['gflop'] / a['gflop']:.2f}, "
+            f"time {b['ms_per_step']['median'] / a['ms_per_step']['median']:.2f}."
+        )
     return "\n".join(lines) + "\n"
+
+
+def _ms(t: dict) -> str:
+    m = t["ms_per_step"]
+    return f"{m['median']:.0f} [{m['min']:.0f}, {m['max']:.0f}]"
 
 
 if __name__ == "__main__":
