@@ -458,3 +458,22 @@ def test_metric_states_merge_like_ddp_ranks(name):
     for key in a:
         assert math.isfinite(float(a[key])), key
         torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.9, 1.0])
+def test_segmentation_store_labels_are_the_argmax_ignored_below_the_softmax_threshold(threshold):
+    # The reference is the definition: argmax class, 255 where max softmax < threshold.
+    torch.manual_seed(0)
+    task = SegmentationTask(["a", "b", "c", "d"])
+    logits = torch.randn(4, 9, 11) * 3
+    logits[:, 0, 0] = torch.tensor([2.0, 2.0, -50.0, -50.0])  # a tie: top probability 0.5
+    fields = task.to_store(logits, (9, 11), (9, 11), {"seg_threshold": threshold})
+    conf, classes = torch.softmax(logits, 0).max(0)
+    expected = classes.clone()
+    expected[conf < threshold - 1e-6] = 255
+    near = (conf - threshold).abs() < 1e-6  # rounding may fall either way exactly at it
+    got = torch.from_numpy(fields["seg_map"]).long()
+    assert torch.equal(got[~near], expected[~near])
+    assert fields["seg_map"].dtype.name == "uint8"
+    if threshold == 0.0:
+        assert (got != 255).all()

@@ -489,17 +489,25 @@ class _ShardSink:
         self._thread.join()
 
     def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if self.error is not None or self._aborted:
-                continue  # drain, so that put() and close() never block
-            try:
-                with torch.inference_mode():
-                    self._handle(*job)
-            except BaseException as err:
-                self.error = err
+        # The conversions are small per-image tensor ops: run them on this thread alone, so
+        # they do not start a second team of compute threads that competes for the cores
+        # with the teachers' forward passes (the thread count is per thread once set).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            while True:
+                job = self._queue.get()
+                if job is None:
+                    return
+                if self.error is not None or self._aborted:
+                    continue  # drain, so that put() and close() never block
+                try:
+                    with torch.inference_mode():
+                        self._handle(*job)
+                except BaseException as err:
+                    self.error = err
+        finally:
+            torch.set_num_threads(threads)  # the default of threads started later
 
     def _handle(self, items: list[dict[str, Any]], predictions: dict[int, dict[str, Any]]) -> None:
         row = 0

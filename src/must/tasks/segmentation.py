@@ -151,8 +151,13 @@ class SegmentationTask(PixelTask):
         255 where the top softmax probability is below ``settings["seg_threshold"]``."""
         size = label_size(image_size, float(settings.get("label_scale", 1.0)))
         logits = resize_to(torch.as_tensor(prediction).float()[None], size)[0]
-        conf, classes = torch.softmax(logits, 0).max(0)
-        classes[conf < float(settings.get("seg_threshold", 0.5))] = STORE_IGNORE
+        top, classes = logits.max(0)
+        # The top softmax probability is 1 / sum(exp(logits - top)): below the threshold
+        # exactly when that sum is above 1 / threshold (no full softmax needed).
+        threshold = float(settings.get("seg_threshold", 0.5))
+        if threshold > 0:
+            mass = torch.exp(logits - top).sum(0)
+            classes[mass > 1.0 / threshold] = STORE_IGNORE
         return {"seg_map": classes.to(torch.uint8).numpy()}
 
     def label_to_store(
