@@ -178,3 +178,28 @@ def test_forkserver_workers_give_the_batches_of_the_main_process(novel, tmp_path
     store[0]  # a shard left open in this process must not be sent to the workers
     tasks = store_tasks(store.store)
     assert_same(batches(store, tasks, 2), batches(store, tasks, 0))
+
+
+def test_in_process_loading_prepares_samples_with_one_thread_and_restores_the_count(novel):
+    seen = []
+
+    class Probe(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            seen.append(torch.get_num_threads())
+            return torch.tensor(index)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loader = make_loader(Probe(), None, 2, 0, False)
+        assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
+        assert seen == [1, 1, 1, 1]
+        assert torch.get_num_threads() == 2
+        # The wrapped dataset's attributes stay reachable through the loader's dataset.
+        dataset = make_dataset(novel, "train", DataConfig(dataset=str(novel), image_size=PX), False)
+        assert make_loader(dataset, None, 2, 0, False).dataset.split == "train"
+    finally:
+        torch.set_num_threads(before)
