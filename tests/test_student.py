@@ -14,7 +14,9 @@ from must.config import StudentConfig, TeachConfig, load_config
 from must.errors import ConfigError
 from must.label import label_images
 from must.student import initialise, train_student
+from must.tasks import TASK_TYPES
 from must.teach import teach
+from must.train.fit import read_checkpoint
 from tiny import TINY_MODEL
 
 TINY_TRAIN = ["train.warmup_steps=1", "train.max_steps=2", "train.val_every=2"]
@@ -72,6 +74,17 @@ def test_student_trains_on_the_store_with_musts_weights_and_is_tested_per_teache
         assert info["evaluated_on"][task] == teacher
     # The student can be the next round's teacher: one scale for every task.
     assert {v["batch_size"] for v in info["training"].values()} == {4}
+    # Checkpoints are selected against each teacher's own validation value, which the
+    # checkpoints keep for resuming; each task's term of val/score is logged.
+    references = {}
+    for task, path in teachers.items():
+        teacher = load_model(path)[1]["info"]
+        references[task] = teacher["val"][task][TASK_TYPES[task].primary_metric]
+    assert info["score_reference"] == pytest.approx(references)
+    last = read_checkpoint(root / "student" / "checkpoints" / "last.ckpt")
+    assert last["score_reference"] == pytest.approx(references)
+    header = (root / "student" / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {f"val/{t}/score" for t in teachers} <= set(header)
 
 
 def test_export_writes_the_backbone_under_resnet_key_names(world, tmp_path):

@@ -25,7 +25,7 @@ from must.data.spec import load_spec
 from must.errors import ConfigError
 from must.models.model import MultiTaskModel
 from must.store.dataset import StoreDataset
-from must.tasks import build_task
+from must.tasks import Task, build_task
 from must.teach import claim_output
 from must.train.data import (
     Collator,
@@ -188,6 +188,18 @@ def make_weighting(
     return w, w.describe()
 
 
+def teacher_references(tasks: dict[str, Task], teachers: dict[str, dict]) -> dict[str, float]:
+    """Per task, its teacher's validation value of the primary metric (where the teacher's
+    summary has one): what the student's multi-task selection score compares with."""
+    out = {}
+    for name, task in tasks.items():
+        value = teachers.get(name, {}).get("info", {}).get("val", {}).get(name, {})
+        value = value.get(task.primary_metric)
+        if isinstance(value, (int, float)):
+            out[name] = float(value)
+    return out
+
+
 def joined_sampler(sizes: list[int], weights: list[float] | None, seed: int = 0) -> Sampler[int]:
     """Draws over the concatenated sources: uniform over images (each once per epoch, in a
     seeded shuffle, so each source comes up in proportion to its size) unless ``weights``."""
@@ -283,7 +295,7 @@ def train_student(
             "summary.json and no labelled dataset is joined)"
         )
     print_notes(read)
-    module = MultiTaskModule(model, tc, weighting)
+    module = MultiTaskModule(model, tc, weighting, teacher_references(tasks, teachers))
     result = fit_and_test(module, train_loader, val_loaders, test_loaders, tc, out, progress)
     if result is None:  # another process of a multi-process run: rank 0 finishes it
         return None
@@ -310,6 +322,7 @@ def train_student(
         "loss_weighting": resolved | {"final": weighting.describe()},
         "init": started,
         "evaluated_on": eval_sets,
+        "score_reference": module.score_reference,  # what val/score compares each task with
         "untested": untested,  # tasks whose dataset has no 'test' split
         "skipped": skipped,
         **result,

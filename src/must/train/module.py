@@ -4,6 +4,8 @@ transfer run (one new task on a pre-trained backbone)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 import torch
@@ -14,6 +16,25 @@ from must.errors import MustError
 from must.models.model import MultiTaskModel
 from must.tasks.base import Batch
 from must.train.weighting import FixedWeights, LossWeighting
+
+# Values (and references) of the multi-task selection score below this count as this: 0.01
+# is chance level or worse for top-1, mAP and mIoU, and far better than any depth abs_rel or
+# normals mean angle (degrees) reached, so a task at 0 (mAP at the first validation) gives a
+# finite log and no task can make the score infinite.
+SCORE_FLOOR = 0.01
+SCORE_REFERENCE_KEY = "score_reference"  # in Lightning checkpoints
+
+
+def defined(value: float) -> bool:
+    """False for NaN (nothing was scored) and negative values (COCO's -1, undefined AP)."""
+    return not math.isnan(value) and value >= 0
+
+
+def relative_term(value: float, reference: float, higher_is_better: bool) -> float:
+    """``log(value / reference)``, sign-flipped for a lower-is-better metric (positive:
+    better than the reference; 0.1 is about 10% better), both floored at ``SCORE_FLOOR``."""
+    term = math.log(max(value, SCORE_FLOOR) / max(reference, SCORE_FLOOR))
+    return term if higher_is_better else -term
 
 
 class NonFiniteLossError(MustError):
@@ -27,6 +48,7 @@ class MultiTaskModule(L.LightningModule):
         model: MultiTaskModel,
         train: TrainConfig,
         weighting: LossWeighting | None = None,
+        score_reference: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -36,6 +58,12 @@ class MultiTaskModule(L.LightningModule):
         self.test_metrics = nn.ModuleDict({n: t.new_metric() for n, t in model.tasks.items()})
         self.last_validation: dict[str, dict[str, float]] = {}
         self.last_test: dict[str, dict[str, float]] = {}
+        # Per task, what the multi-task selection score compares its primary metric with: the
+        # teacher's validation value where given, else set at the first validation. Kept in
+        # the checkpoints, so a resumed run scores as before.
+        self.score_reference = {
+            n: float(v) for n, v in (score_reference or {}).items() if defined(float(v))
+        }
 
     # --- training ---
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -87,18 +115,48 @@ class MultiTaskModule(L.LightningModule):
             results[name] = values
             for key, value in values.items():
                 self.log(f"{prefix}/{name}/{key}", value, sync_dist=False)
-        self.log(f"{prefix}/score", self.selection_score(results), prog_bar=prefix == "val")
+        score, terms = self.selection_score(results)
+        for name, term in terms.items():
+            self.log(f"{prefix}/{name}/score", term, sync_dist=False)
+        self.log(f"{prefix}/score", score, prog_bar=prefix == "val")
         return results
 
-    def selection_score(self, results: dict[str, dict[str, float]]) -> float:
-        """The number checkpoints are selected on (higher is better): each task's primary
-        metric, turned so that higher is better, averaged over tasks."""
-        scores = []
-        for name, task in self.model.tasks.items():
-            if name in results:
-                value = results[name][task.primary_metric]
-                scores.append(value if task.higher_is_better else -value)
-        return float(sum(scores) / len(scores)) if scores else -math.inf
+    def selection_score(
+        self, results: dict[str, dict[str, float]]
+    ) -> tuple[float, dict[str, float]]:
+        """The number checkpoints are selected on (higher is better), and its per-task terms.
+
+        One task: its primary metric, negated if lower is better. Several tasks: primary
+        metrics have different scales and units (top-1 in [0, 1], a mean angle in degrees),
+        so each is compared with its task's reference in a form without units,
+        ``log(value / reference)`` (sign-flipped if lower is better), and the terms are
+        averaged. The reference only shifts a task's term by a constant, so it does not change
+        which checkpoint is best; it makes the number readable (0: as good as the reference).
+        A task without a reference takes its first defined value (the first validation) as
+        its reference. A task whose value is undefined (NaN: nothing was scored) is left out."""
+        tasks = self.model.tasks
+        if len(tasks) == 1:
+            (name, task), terms = next(iter(tasks.items())), {}
+            if name not in results:
+                return -math.inf, terms
+            value = results[name][task.primary_metric]
+            return (value if task.higher_is_better else -value), terms
+        terms = {}
+        for name, task in tasks.items():
+            value = results.get(name, {}).get(task.primary_metric, math.nan)
+            if not defined(value):
+                continue
+            reference = self.score_reference.setdefault(name, value)
+            terms[name] = relative_term(value, reference, task.higher_is_better)
+        score = sum(terms.values()) / len(terms) if terms else -math.inf
+        return float(score), terms
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[SCORE_REFERENCE_KEY] = dict(self.score_reference)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if SCORE_REFERENCE_KEY in checkpoint:  # older checkpoints: set at the next validation
+            self.score_reference = {k: float(v) for k, v in checkpoint[SCORE_REFERENCE_KEY].items()}
 
     # Several loaders (the student's per-teacher splits) each update the tasks they label.
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
