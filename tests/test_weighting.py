@@ -1,4 +1,4 @@
-"""Loss weighting: MuST's rule, learnt and dynamic weights."""
+"""Loss weighting: MuST's rule, learnt and dynamic weights, the registry."""
 
 from __future__ import annotations
 
@@ -7,12 +7,18 @@ import math
 import pytest
 import torch
 
+from must.config import StudentConfig, load_config
 from must.errors import ConfigError
+from must.student import make_weighting
 from must.train.weighting import (
+    WEIGHTINGS,
     DynamicWeightAverage,
     FixedWeights,
     UncertaintyWeighting,
+    WeightingContext,
+    build_weighting,
     must_weights,
+    register_weighting,
 )
 
 
@@ -64,3 +70,51 @@ def test_dwa_weights_follow_the_loss_ratios_of_the_last_two_windows():
     assert w["a"] == pytest.approx(2 * ea / (ea + eb))
     assert w["b"] == pytest.approx(2 * eb / (ea + eb))
     assert w["a"] + w["b"] == pytest.approx(2.0)
+
+
+# --- the registry ---
+
+
+def student(*overrides: str) -> StudentConfig:
+    return load_config(StudentConfig, None, list(overrides))
+
+
+def test_unknown_weighting_names_are_refused_listing_the_known_ones():
+    known = "must, equal, fixed, uncertainty, dwa"
+    with pytest.raises(ConfigError, match=rf"command line: loss\.kind: .*'gradnorm'.*{known}"):
+        student("loss.kind=gradnorm")
+    cfg = student()
+    with pytest.raises(ConfigError, match=rf"loss\.kind: unknown .*'gradnorm'; known: {known}"):
+        build_weighting("gradnorm", WeightingContext(["depth"], cfg.loss, cfg.train))
+
+
+def test_a_registered_weighting_is_accepted_by_the_config_and_built(monkeypatch):
+    import must.train.weighting as registry
+
+    monkeypatch.setattr(registry, "WEIGHTINGS", dict(WEIGHTINGS))  # restored after the test
+
+    @register_weighting("halves")
+    def _halves(ctx: WeightingContext) -> FixedWeights:
+        return FixedWeights({t: 0.5 for t in ctx.tasks})
+
+    cfg = student("loss.kind=halves")
+    assert "halves" not in WEIGHTINGS  # registered in the test's copy only
+    weighting, resolved = make_weighting(cfg, ["depth", "normals"], {})
+    assert resolved == {"kind": "halves", "weights": {"depth": 0.5, "normals": 0.5}}
+    total, _ = weighting({"depth": torch.tensor(2.0), "normals": torch.tensor(4.0)})
+    assert float(total) == 3.0
+
+
+def test_existing_kinds_resolve_as_before():
+    teachers = {"classification": {"info": {"training": {"classification": {
+        "batch_size": 8, "lr": 0.1}}}}}  # fmt: skip
+    cfg = student("train.batch_size=4", "train.lr=0.05")
+    _, must = make_weighting(cfg, ["classification", "depth"], teachers)
+    # 4 * 0.1 / (8 * 0.05) = 1.0; depth by hand.
+    assert must == {"kind": "must", "weights": {"classification": 1.0, "depth": 1.0}}
+    _, equal = make_weighting(student("loss.kind=equal"), ["depth"], {})
+    assert equal == {"kind": "equal", "weights": {"depth": 1.0}}
+    w, unc = make_weighting(student("loss.kind=uncertainty"), ["a", "b"], {})
+    assert isinstance(w, UncertaintyWeighting) and unc["kind"] == "uncertainty"
+    w, dwa = make_weighting(student("loss.kind=dwa", "loss.dwa_window=7"), ["a"], {})
+    assert isinstance(w, DynamicWeightAverage) and dwa["window"] == 7

@@ -39,11 +39,9 @@ from must.train.data import (
 from must.train.fit import fit_and_test
 from must.train.module import MultiTaskModule
 from must.train.weighting import (
-    DynamicWeightAverage,
-    FixedWeights,
     LossWeighting,
-    UncertaintyWeighting,
-    must_weights,
+    WeightingContext,
+    build_weighting,
 )
 
 
@@ -153,39 +151,9 @@ def teacher_summaries(stores: list[StoreDataset]) -> dict[str, dict[str, Any]]:
 def make_weighting(
     cfg: StudentConfig, tasks: list[str], teachers: dict[str, dict]
 ) -> tuple[LossWeighting, dict]:
-    loss = cfg.loss
-    if loss.kind == "must":
-        missing = [t for t in tasks if t not in teachers and t not in loss.hand]
-        if missing:
-            raise ConfigError(
-                f"loss.kind=must needs each teacher's batch size and learning rate; no teacher "
-                f"summary found for {missing} (set loss.hand for them or use another loss.kind)"
-            )
-        scales = {
-            t: (
-                teachers[t]["info"]["training"][t]["batch_size"],
-                teachers[t]["info"]["training"][t]["lr"],
-            )
-            for t in tasks
-            if t not in loss.hand
-        }
-        hand = {t: w for t, w in loss.hand.items() if t in tasks}
-        weights = must_weights(cfg.train.batch_size, cfg.train.lr, scales, hand)
-        return FixedWeights(weights), {"kind": "must", "weights": weights}
-    if loss.kind == "equal":
-        weights = {t: 1.0 for t in tasks}
-        return FixedWeights(weights), {"kind": "equal", "weights": weights}
-    if loss.kind == "fixed":
-        missing = [t for t in tasks if t not in loss.weights]
-        if missing:
-            raise ConfigError(f"loss.weights: no weight for {missing}")
-        weights = {t: loss.weights[t] for t in tasks}
-        return FixedWeights(weights), {"kind": "fixed", "weights": weights}
-    if loss.kind == "uncertainty":
-        w = UncertaintyWeighting(tasks)
-        return w, w.describe()
-    w = DynamicWeightAverage(tasks, loss.dwa_temperature, loss.dwa_window)
-    return w, w.describe()
+    """The loss weighting ``loss.kind`` names (from the registry), and how it resolved."""
+    context = WeightingContext(tasks, cfg.loss, cfg.train, teachers)
+    return build_weighting(cfg.loss.kind, context)
 
 
 def teacher_references(tasks: dict[str, Task], teachers: dict[str, dict]) -> dict[str, float]:

@@ -2,17 +2,27 @@
 
 Each takes the per-task losses of a step and returns the weighted total and the weights it
 used (for logging). ``must_weights`` computes MuST's linear-scaling weights.
+
+Weightings are found by name (``loss.kind``) in a registry: a new one is one module that
+decorates its builder with :func:`register_weighting` (and, inside this package, is named in
+``BUILTIN_MODULES`` so it is imported before a config is validated).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from must.errors import ConfigError
+
+if TYPE_CHECKING:
+    from must.config import LossConfig, TrainConfig
 
 
 def must_weights(
@@ -146,3 +156,93 @@ class DynamicWeightAverage(LossWeighting):
 
     def describe(self) -> dict:
         return {"kind": "dwa", "temperature": self.temperature, "window": self.window}
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+
+@dataclass
+class WeightingContext:
+    """What a builder may read: the student's tasks, its ``loss`` and ``train`` settings, and
+    per task the summary (``summary.json``) of the teacher that labelled it, where known."""
+
+    tasks: list[str]
+    loss: LossConfig
+    train: TrainConfig
+    teachers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+WeightingBuilder = Callable[[WeightingContext], LossWeighting]
+WEIGHTINGS: dict[str, WeightingBuilder] = {}
+# Modules of this package whose weightings register themselves when imported.
+BUILTIN_MODULES: tuple[str, ...] = ()
+
+
+def register_weighting(name: str) -> Callable[[WeightingBuilder], WeightingBuilder]:
+    """Decorator: ``@register_weighting("name")`` on a function ``(WeightingContext) ->
+    LossWeighting`` makes ``loss.kind: name`` build it."""
+
+    def add(builder: WeightingBuilder) -> WeightingBuilder:
+        if name in WEIGHTINGS and WEIGHTINGS[name] is not builder:
+            raise ValueError(f"loss weighting {name!r} is registered twice")
+        WEIGHTINGS[name] = builder
+        return builder
+
+    return add
+
+
+def weighting_names() -> list[str]:
+    """The registered ``loss.kind`` names (the built-in modules imported first)."""
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    return list(WEIGHTINGS)
+
+
+def build_weighting(kind: str, context: WeightingContext) -> tuple[LossWeighting, dict]:
+    """The weighting ``loss.kind`` names, and how it resolved (for the log and the summary)."""
+    names = weighting_names()
+    if kind not in WEIGHTINGS:
+        raise ConfigError(f"loss.kind: unknown loss weighting {kind!r}; known: {', '.join(names)}")
+    weighting = WEIGHTINGS[kind](context)
+    return weighting, {**weighting.describe(), "kind": kind}
+
+
+@register_weighting("must")
+def _must(ctx: WeightingContext) -> LossWeighting:
+    loss = ctx.loss
+    missing = [t for t in ctx.tasks if t not in ctx.teachers and t not in loss.hand]
+    if missing:
+        raise ConfigError(
+            f"loss.kind=must needs each teacher's batch size and learning rate; no teacher "
+            f"summary found for {missing} (set loss.hand for them or use another loss.kind)"
+        )
+    scales = {}
+    for t in ctx.tasks:
+        if t not in loss.hand:
+            training = ctx.teachers[t]["info"]["training"][t]
+            scales[t] = (training["batch_size"], training["lr"])
+    hand = {t: w for t, w in loss.hand.items() if t in ctx.tasks}
+    return FixedWeights(must_weights(ctx.train.batch_size, ctx.train.lr, scales, hand))
+
+
+@register_weighting("equal")
+def _equal(ctx: WeightingContext) -> LossWeighting:
+    return FixedWeights({t: 1.0 for t in ctx.tasks})
+
+
+@register_weighting("fixed")
+def _fixed(ctx: WeightingContext) -> LossWeighting:
+    missing = [t for t in ctx.tasks if t not in ctx.loss.weights]
+    if missing:
+        raise ConfigError(f"loss.weights: no weight for {missing}")
+    return FixedWeights({t: ctx.loss.weights[t] for t in ctx.tasks})
+
+
+@register_weighting("uncertainty")
+def _uncertainty(ctx: WeightingContext) -> LossWeighting:
+    return UncertaintyWeighting(ctx.tasks)
+
+
+@register_weighting("dwa")
+def _dwa(ctx: WeightingContext) -> LossWeighting:
+    return DynamicWeightAverage(ctx.tasks, ctx.loss.dwa_temperature, ctx.loss.dwa_window)
