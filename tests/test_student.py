@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,23 @@ def test_student_trains_on_the_store_with_musts_weights_and_is_tested_per_teache
     assert last["score_reference"] == pytest.approx(references)
     header = (root / "student" / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {f"val/{t}/score" for t in teachers} <= set(header)
+
+
+def test_pcgrad_trains_the_student_and_is_refused_where_unsupported(world, tmp_path):
+    _root, _teachers, store = world
+    summary = train_student(student_cfg(store, "loss.kind=pcgrad"), tmp_path / "s", progress=False)
+    info = summary["info"]
+    assert info["loss_weighting"]["kind"] == "pcgrad" and info["steps"] == 2
+    for task, values in info["val"].items():
+        assert all(map(math.isfinite, values.values())), task
+    for bad in ("train.precision=16-mixed", "train.strategy=ddp"):
+        with pytest.raises(ConfigError, match=r"loss\.kind=pcgrad: computes per-task"):
+            train_student(
+                student_cfg(store, "loss.kind=pcgrad", bad),
+                tmp_path / "x",
+                overwrite=True,
+                progress=False,
+            )
 
 
 def test_export_writes_the_backbone_under_resnet_key_names(world, tmp_path):

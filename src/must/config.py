@@ -171,8 +171,8 @@ class StudentDataConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    # A registered weighting (must.train.weighting): must, equal, fixed, uncertainty, dwa.
-    # must: w_i = (b_s * lr_i) / (b_i * lr_s) from the teachers' batch sizes and
+    # A registered weighting (must.train.weighting): must, equal, fixed, uncertainty, dwa,
+    # pcgrad. must: w_i = (b_s * lr_i) / (b_i * lr_s) from the teachers' batch sizes and
     # learning rates, with ``hand`` weights for the tasks MuST sets by hand (depth).
     kind: str = "must"
     hand: dict[TaskName, float] = {"depth": 1.0}

@@ -36,12 +36,14 @@ from must.train.data import (
     prepare_dataset,
     print_notes,
 )
-from must.train.fit import fit_and_test
+from must.train.fit import fit_and_test, resolve_precision
 from must.train.module import MultiTaskModule
 from must.train.weighting import (
     LossWeighting,
     WeightingContext,
     build_weighting,
+    planned_processes,
+    refuse_own_backward,
 )
 
 
@@ -153,7 +155,12 @@ def make_weighting(
 ) -> tuple[LossWeighting, dict]:
     """The loss weighting ``loss.kind`` names (from the registry), and how it resolved."""
     context = WeightingContext(tasks, cfg.loss, cfg.train, teachers)
-    return build_weighting(cfg.loss.kind, context)
+    weighting, resolved = build_weighting(cfg.loss.kind, context)
+    if weighting.owns_backward:  # refused before any data is read (checked again at fit)
+        refuse_own_backward(
+            cfg.loss.kind, planned_processes(cfg.train), resolve_precision(cfg.train)
+        )
+    return weighting, resolved
 
 
 def teacher_references(tasks: dict[str, Task], teachers: dict[str, dict]) -> dict[str, float]:

@@ -15,7 +15,7 @@ from must.config import TrainConfig
 from must.errors import MustError
 from must.models.model import MultiTaskModel
 from must.tasks.base import Batch
-from must.train.weighting import FixedWeights, LossWeighting
+from must.train.weighting import FixedWeights, LossWeighting, refuse_own_backward
 
 # Values (and references) of the multi-task selection score below this count as this: 0.01
 # is chance level or worse for top-1, mAP and mIoU, and far better than any depth abs_rel or
@@ -64,6 +64,7 @@ class MultiTaskModule(L.LightningModule):
         self.score_reference = {
             n: float(v) for n, v in (score_reference or {}).items() if defined(float(v))
         }
+        self._step_losses: dict[str, torch.Tensor] | None = None
 
     # --- training ---
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -92,11 +93,30 @@ class MultiTaskModule(L.LightningModule):
         present = {n: loss for n, loss in task_losses.items() if n in batch.targets}
         total, weights = self.weighting(present)
         total = total + sum(loss for n, loss in task_losses.items() if n not in present)
+        self._step_losses = present  # for ``backward``, which Lightning calls next
         if len(self.model.tasks) > 1:
             for name, w in weights.items():
                 self.log(f"train/{name}/weight", w, batch_size=len(batch.keys))
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=len(batch.keys))
         return total
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's backward hook (automatic optimisation: clipping, precision and
+        schedules stay Lightning's); the weighting fills the gradients."""
+        step, self._step_losses = self._step_losses, None
+        if step is None:
+            super().backward(loss, *args, **kwargs)
+            return
+        shared_ids = {id(p) for p in self.model.backbone.parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        shared = [p for p in trainable if id(p) in shared_ids]
+        rest = [p for p in trainable if id(p) not in shared_ids]
+        self.weighting.backward(loss, step, shared, rest)
+
+    def on_fit_start(self) -> None:
+        if self.weighting.owns_backward:
+            kind = self.weighting.describe()["kind"]
+            refuse_own_backward(kind, self.trainer.world_size, str(self.trainer.precision))
 
     # --- evaluation ---
     def _update(self, metrics: nn.ModuleDict, batch: Batch) -> None:

@@ -1,7 +1,8 @@
 """How task losses are combined: small interchangeable modules, kept out of the model.
 
 Each takes the per-task losses of a step and returns the weighted total and the weights it
-used (for logging). ``must_weights`` computes MuST's linear-scaling weights.
+used (for logging); one that needs the per-task gradients also owns the backward pass
+(:meth:`LossWeighting.backward`). ``must_weights`` computes MuST's linear-scaling weights.
 
 Weightings are found by name (``loss.kind``) in a registry: a new one is one module that
 decorates its builder with :func:`register_weighting` (and, inside this package, is named in
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -60,7 +62,12 @@ def check_weights(weights: Mapping[str, float]) -> None:
 
 
 class LossWeighting(nn.Module):
-    """Base: ``forward(losses) -> (total, weights)``."""
+    """Base: ``forward(losses) -> (total, weights)``, and ``backward``, which fills the
+    parameters' gradients (by default ``total.backward()``)."""
+
+    # True when ``backward`` computes per-task gradients itself (``torch.autograd.grad``):
+    # that bypasses DDP's gradient averaging and fp16 loss scaling, so both are refused.
+    owns_backward: ClassVar[bool] = False
 
     def __init__(self, tasks: list[str]) -> None:
         super().__init__()
@@ -68,6 +75,20 @@ class LossWeighting(nn.Module):
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
+
+    def backward(
+        self,
+        total: torch.Tensor,
+        task_losses: Mapping[str, torch.Tensor],
+        shared: Sequence[nn.Parameter],
+        rest: Sequence[nn.Parameter],
+    ) -> None:
+        """Accumulate this step's gradients into ``.grad``. ``total`` is the training step's
+        loss (``forward``'s total plus the zero losses of tasks absent from the batch),
+        ``task_losses`` the losses of the tasks present, ``shared`` the trainable parameters
+        every task uses (the backbone) and ``rest`` every other trainable parameter (the
+        heads, the weighting's own)."""
+        total.backward()
 
     def describe(self) -> dict:
         return {"kind": type(self).__name__}
@@ -175,7 +196,7 @@ class WeightingContext:
 WeightingBuilder = Callable[[WeightingContext], LossWeighting]
 WEIGHTINGS: dict[str, WeightingBuilder] = {}
 # Modules of this package whose weightings register themselves when imported.
-BUILTIN_MODULES: tuple[str, ...] = ()
+BUILTIN_MODULES = ("must.train.pcgrad",)
 
 
 def register_weighting(name: str) -> Callable[[WeightingBuilder], WeightingBuilder]:
@@ -205,6 +226,38 @@ def build_weighting(kind: str, context: WeightingContext) -> tuple[LossWeighting
         raise ConfigError(f"loss.kind: unknown loss weighting {kind!r}; known: {', '.join(names)}")
     weighting = WEIGHTINGS[kind](context)
     return weighting, {**weighting.describe(), "kind": kind}
+
+
+def refuse_own_backward(kind: str, processes: int, precision: str) -> None:
+    """A weighting that owns the backward pass trains in one process and without fp16 loss
+    scaling: its per-task ``torch.autograd.grad`` calls see neither DDP's gradient averaging
+    nor the loss scale."""
+    problems = []
+    if processes > 1:
+        problems.append(f"{processes} processes (DDP)")
+    if precision == "16-mixed":
+        problems.append("16-mixed precision (fp16 loss scaling)")
+    if problems:
+        raise ConfigError(
+            f"loss.kind={kind}: computes per-task gradients itself, which is not supported with "
+            f"{' and '.join(problems)}; train in one process (train.devices=1, no ddp strategy "
+            "or torchrun) with train.precision=32-true or bf16-mixed, or use another loss.kind"
+        )
+
+
+def planned_processes(train: TrainConfig) -> int:
+    """How many training processes a config asks for, as far as it says (``devices: auto``
+    on a multi-GPU machine is only known once the trainer starts; that is checked again
+    then)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)  # torchrun
+    devices = train.devices
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 1:
+        return max(launched, devices)
+    if any(s in train.strategy for s in ("ddp", "fsdp", "deepspeed")):
+        return max(launched, 2)
+    return launched
 
 
 @register_weighting("must")
