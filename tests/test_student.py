@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from must.config import StudentConfig, TeachConfig, load_config
 from must.errors import ConfigError
 from must.label import label_images
 from must.student import initialise, train_student
+from must.tasks import TASK_TYPES
 from must.teach import teach
+from must.train.fit import read_checkpoint
 from tiny import TINY_MODEL
 
 TINY_TRAIN = ["train.warmup_steps=1", "train.max_steps=2", "train.val_every=2"]
@@ -72,6 +75,34 @@ def test_student_trains_on_the_store_with_musts_weights_and_is_tested_per_teache
         assert info["evaluated_on"][task] == teacher
     # The student can be the next round's teacher: one scale for every task.
     assert {v["batch_size"] for v in info["training"].values()} == {4}
+    # Checkpoints are selected against each teacher's own validation value, which the
+    # checkpoints keep for resuming; each task's term of val/score is logged.
+    references = {}
+    for task, path in teachers.items():
+        teacher = load_model(path)[1]["info"]
+        references[task] = teacher["val"][task][TASK_TYPES[task].primary_metric]
+    assert info["score_reference"] == pytest.approx(references)
+    last = read_checkpoint(root / "student" / "checkpoints" / "last.ckpt")
+    assert last["score_reference"] == pytest.approx(references)
+    header = (root / "student" / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {f"val/{t}/score" for t in teachers} <= set(header)
+
+
+def test_pcgrad_trains_the_student_and_is_refused_where_unsupported(world, tmp_path):
+    _root, _teachers, store = world
+    summary = train_student(student_cfg(store, "loss.kind=pcgrad"), tmp_path / "s", progress=False)
+    info = summary["info"]
+    assert info["loss_weighting"]["kind"] == "pcgrad" and info["steps"] == 2
+    for task, values in info["val"].items():
+        assert all(map(math.isfinite, values.values())), task
+    for bad in ("train.precision=16-mixed", "train.strategy=ddp"):
+        with pytest.raises(ConfigError, match=r"loss\.kind=pcgrad: computes per-task"):
+            train_student(
+                student_cfg(store, "loss.kind=pcgrad", bad),
+                tmp_path / "x",
+                overwrite=True,
+                progress=False,
+            )
 
 
 def test_export_writes_the_backbone_under_resnet_key_names(world, tmp_path):

@@ -157,6 +157,12 @@ def test_multitask_baseline_trains_on_the_union_of_labelled_sets(world, tmp_path
     assert "objects" in info["evaluated_on"]["classification"]
     assert "rooms" in info["evaluated_on"]["segmentation"]
     assert info["training"]["classification"]["train_images"] == 16 + 16
+    # No teacher: each task's selection reference is its value at the first (here the only)
+    # validation, so that validation scores 0.
+    assert info["score_reference"] == {
+        "classification": info["val"]["classification"]["top1"],
+        "segmentation": info["val"]["segmentation"]["miou"],
+    }
 
 
 def test_store_fraction_uses_the_first_images_of_the_list():

@@ -185,13 +185,24 @@ class StudentDataConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    # must: w_i = (b_s * lr_i) / (b_i * lr_s) from the teachers' batch sizes and learning
-    # rates, with ``hand`` weights for the tasks MuST sets by hand (depth).
-    kind: Literal["must", "equal", "fixed", "uncertainty", "dwa"] = "must"
+    # A registered weighting (must.train.weighting): must, equal, fixed, uncertainty, dwa,
+    # pcgrad. must: w_i = (b_s * lr_i) / (b_i * lr_s) from the teachers' batch sizes and
+    # learning rates, with ``hand`` weights for the tasks MuST sets by hand (depth).
+    kind: str = "must"
     hand: dict[TaskName, float] = {"depth": 1.0}
     weights: dict[TaskName, float] = {}  # kind: fixed
     dwa_temperature: float = Field(2.0, gt=0)
     dwa_window: int = Field(50, ge=1)
+
+    @field_validator("kind")
+    @classmethod
+    def _kind_is_registered(cls, kind: str) -> str:
+        from must.train.weighting import weighting_names
+
+        names = weighting_names()
+        if kind not in names:
+            raise ValueError(f"unknown loss weighting {kind!r}; known: {', '.join(names)}")
+        return kind
 
 
 class StudentConfig(_Strict):

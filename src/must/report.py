@@ -278,7 +278,7 @@ def plot_curves(run: Path, out: Path) -> Path | None:
             steps, values = zip(*c["val/score"], strict=True)
             axes[1].plot(steps, values, marker="o", label=name)
     axes[0].set(title="training loss", xlabel="step", yscale="log")
-    axes[1].set(title="validation score (mean primary metric)", xlabel="step")
+    axes[1].set(title="validation score (checkpoint selection)", xlabel="step")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

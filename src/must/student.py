@@ -24,7 +24,7 @@ from must.data.spec import load_spec
 from must.errors import ConfigError
 from must.models.model import MultiTaskModel
 from must.store.dataset import StoreDataset
-from must.tasks import build_task
+from must.tasks import Task, build_task
 from must.teach import claim_output
 from must.train.data import (
     augmentation,
@@ -33,14 +33,14 @@ from must.train.data import (
     prepare_dataset,
     print_notes,
 )
-from must.train.fit import fit_and_test
+from must.train.fit import fit_and_test, resolve_precision
 from must.train.module import MultiTaskModule
 from must.train.weighting import (
-    DynamicWeightAverage,
-    FixedWeights,
     LossWeighting,
-    UncertaintyWeighting,
-    must_weights,
+    WeightingContext,
+    build_weighting,
+    planned_processes,
+    refuse_own_backward,
 )
 
 
@@ -150,39 +150,26 @@ def teacher_summaries(stores: list[StoreDataset]) -> dict[str, dict[str, Any]]:
 def make_weighting(
     cfg: StudentConfig, tasks: list[str], teachers: dict[str, dict]
 ) -> tuple[LossWeighting, dict]:
-    loss = cfg.loss
-    if loss.kind == "must":
-        missing = [t for t in tasks if t not in teachers and t not in loss.hand]
-        if missing:
-            raise ConfigError(
-                f"loss.kind=must needs each teacher's batch size and learning rate; no teacher "
-                f"summary found for {missing} (set loss.hand for them or use another loss.kind)"
-            )
-        scales = {
-            t: (
-                teachers[t]["info"]["training"][t]["batch_size"],
-                teachers[t]["info"]["training"][t]["lr"],
-            )
-            for t in tasks
-            if t not in loss.hand
-        }
-        hand = {t: w for t, w in loss.hand.items() if t in tasks}
-        weights = must_weights(cfg.train.batch_size, cfg.train.lr, scales, hand)
-        return FixedWeights(weights), {"kind": "must", "weights": weights}
-    if loss.kind == "equal":
-        weights = {t: 1.0 for t in tasks}
-        return FixedWeights(weights), {"kind": "equal", "weights": weights}
-    if loss.kind == "fixed":
-        missing = [t for t in tasks if t not in loss.weights]
-        if missing:
-            raise ConfigError(f"loss.weights: no weight for {missing}")
-        weights = {t: loss.weights[t] for t in tasks}
-        return FixedWeights(weights), {"kind": "fixed", "weights": weights}
-    if loss.kind == "uncertainty":
-        w = UncertaintyWeighting(tasks)
-        return w, w.describe()
-    w = DynamicWeightAverage(tasks, loss.dwa_temperature, loss.dwa_window)
-    return w, w.describe()
+    """The loss weighting ``loss.kind`` names (from the registry), and how it resolved."""
+    context = WeightingContext(tasks, cfg.loss, cfg.train, teachers)
+    weighting, resolved = build_weighting(cfg.loss.kind, context)
+    if weighting.owns_backward:  # refused before any data is read (checked again at fit)
+        refuse_own_backward(
+            cfg.loss.kind, planned_processes(cfg.train), resolve_precision(cfg.train)
+        )
+    return weighting, resolved
+
+
+def teacher_references(tasks: dict[str, Task], teachers: dict[str, dict]) -> dict[str, float]:
+    """Per task, its teacher's validation value of the primary metric (where the teacher's
+    summary has one): what the student's multi-task selection score compares with."""
+    out = {}
+    for name, task in tasks.items():
+        value = teachers.get(name, {}).get("info", {}).get("val", {}).get(name, {})
+        value = value.get(task.primary_metric)
+        if isinstance(value, (int, float)):
+            out[name] = float(value)
+    return out
 
 
 def joined_sampler(sizes: list[int], weights: list[float] | None, seed: int = 0) -> Sampler[int]:
@@ -281,7 +268,7 @@ def train_student(
             "summary.json and no labelled dataset is joined)"
         )
     print_notes(read)
-    module = MultiTaskModule(model, tc, weighting)
+    module = MultiTaskModule(model, tc, weighting, teacher_references(tasks, teachers))
     result = fit_and_test(module, train_loader, val_loaders, test_loaders, tc, out, progress)
     if result is None:  # another process of a multi-process run: rank 0 finishes it
         return None
@@ -308,6 +295,7 @@ def train_student(
         "loss_weighting": resolved | {"final": weighting.describe()},
         "init": started,
         "evaluated_on": eval_sets,
+        "score_reference": module.score_reference,  # what val/score compares each task with
         "untested": untested,  # tasks whose dataset has no 'test' split
         "skipped": skipped,
         **result,

@@ -4,6 +4,8 @@ transfer run (one new task on a pre-trained backbone)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 import torch
@@ -13,7 +15,26 @@ from must.config import TrainConfig
 from must.errors import MustError
 from must.models.model import MultiTaskModel
 from must.tasks.base import Batch
-from must.train.weighting import FixedWeights, LossWeighting
+from must.train.weighting import FixedWeights, LossWeighting, refuse_own_backward
+
+# Values (and references) of the multi-task selection score below this count as this: 0.01
+# is chance level or worse for top-1, mAP and mIoU, and far better than any depth abs_rel or
+# normals mean angle (degrees) reached, so a task at 0 (mAP at the first validation) gives a
+# finite log and no task can make the score infinite.
+SCORE_FLOOR = 0.01
+SCORE_REFERENCE_KEY = "score_reference"  # in Lightning checkpoints
+
+
+def defined(value: float) -> bool:
+    """False for NaN (nothing was scored) and negative values (COCO's -1, undefined AP)."""
+    return not math.isnan(value) and value >= 0
+
+
+def relative_term(value: float, reference: float, higher_is_better: bool) -> float:
+    """``log(value / reference)``, sign-flipped for a lower-is-better metric (positive:
+    better than the reference; 0.1 is about 10% better), both floored at ``SCORE_FLOOR``."""
+    term = math.log(max(value, SCORE_FLOOR) / max(reference, SCORE_FLOOR))
+    return term if higher_is_better else -term
 
 
 class NonFiniteLossError(MustError):
@@ -27,6 +48,7 @@ class MultiTaskModule(L.LightningModule):
         model: MultiTaskModel,
         train: TrainConfig,
         weighting: LossWeighting | None = None,
+        score_reference: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -36,6 +58,13 @@ class MultiTaskModule(L.LightningModule):
         self.test_metrics = nn.ModuleDict({n: t.new_metric() for n, t in model.tasks.items()})
         self.last_validation: dict[str, dict[str, float]] = {}
         self.last_test: dict[str, dict[str, float]] = {}
+        # Per task, what the multi-task selection score compares its primary metric with: the
+        # teacher's validation value where given, else set at the first validation. Kept in
+        # the checkpoints, so a resumed run scores as before.
+        self.score_reference = {
+            n: float(v) for n, v in (score_reference or {}).items() if defined(float(v))
+        }
+        self._step_losses: dict[str, torch.Tensor] | None = None
 
     # --- training ---
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -64,11 +93,30 @@ class MultiTaskModule(L.LightningModule):
         present = {n: loss for n, loss in task_losses.items() if n in batch.targets}
         total, weights = self.weighting(present)
         total = total + sum(loss for n, loss in task_losses.items() if n not in present)
+        self._step_losses = present  # for ``backward``, which Lightning calls next
         if len(self.model.tasks) > 1:
             for name, w in weights.items():
                 self.log(f"train/{name}/weight", w, batch_size=len(batch.keys))
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=len(batch.keys))
         return total
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's backward hook (automatic optimisation: clipping, precision and
+        schedules stay Lightning's); the weighting fills the gradients."""
+        step, self._step_losses = self._step_losses, None
+        if step is None:
+            super().backward(loss, *args, **kwargs)
+            return
+        shared_ids = {id(p) for p in self.model.backbone.parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        shared = [p for p in trainable if id(p) in shared_ids]
+        rest = [p for p in trainable if id(p) not in shared_ids]
+        self.weighting.backward(loss, step, shared, rest)
+
+    def on_fit_start(self) -> None:
+        if self.weighting.owns_backward:
+            kind = self.weighting.describe()["kind"]
+            refuse_own_backward(kind, self.trainer.world_size, str(self.trainer.precision))
 
     # --- evaluation ---
     def _update(self, metrics: nn.ModuleDict, batch: Batch) -> None:
@@ -87,18 +135,48 @@ class MultiTaskModule(L.LightningModule):
             results[name] = values
             for key, value in values.items():
                 self.log(f"{prefix}/{name}/{key}", value, sync_dist=False)
-        self.log(f"{prefix}/score", self.selection_score(results), prog_bar=prefix == "val")
+        score, terms = self.selection_score(results)
+        for name, term in terms.items():
+            self.log(f"{prefix}/{name}/score", term, sync_dist=False)
+        self.log(f"{prefix}/score", score, prog_bar=prefix == "val")
         return results
 
-    def selection_score(self, results: dict[str, dict[str, float]]) -> float:
-        """The number checkpoints are selected on (higher is better): each task's primary
-        metric, turned so that higher is better, averaged over tasks."""
-        scores = []
-        for name, task in self.model.tasks.items():
-            if name in results:
-                value = results[name][task.primary_metric]
-                scores.append(value if task.higher_is_better else -value)
-        return float(sum(scores) / len(scores)) if scores else -math.inf
+    def selection_score(
+        self, results: dict[str, dict[str, float]]
+    ) -> tuple[float, dict[str, float]]:
+        """The number checkpoints are selected on (higher is better), and its per-task terms.
+
+        One task: its primary metric, negated if lower is better. Several tasks: primary
+        metrics have different scales and units (top-1 in [0, 1], a mean angle in degrees),
+        so each is compared with its task's reference in a form without units,
+        ``log(value / reference)`` (sign-flipped if lower is better), and the terms are
+        averaged. The reference only shifts a task's term by a constant, so it does not change
+        which checkpoint is best; it makes the number readable (0: as good as the reference).
+        A task without a reference takes its first defined value (the first validation) as
+        its reference. A task whose value is undefined (NaN: nothing was scored) is left out."""
+        tasks = self.model.tasks
+        if len(tasks) == 1:
+            (name, task), terms = next(iter(tasks.items())), {}
+            if name not in results:
+                return -math.inf, terms
+            value = results[name][task.primary_metric]
+            return (value if task.higher_is_better else -value), terms
+        terms = {}
+        for name, task in tasks.items():
+            value = results.get(name, {}).get(task.primary_metric, math.nan)
+            if not defined(value):
+                continue
+            reference = self.score_reference.setdefault(name, value)
+            terms[name] = relative_term(value, reference, task.higher_is_better)
+        score = sum(terms.values()) / len(terms) if terms else -math.inf
+        return float(score), terms
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[SCORE_REFERENCE_KEY] = dict(self.score_reference)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if SCORE_REFERENCE_KEY in checkpoint:  # older checkpoints: set at the next validation
+            self.score_reference = {k: float(v) for k, v in checkpoint[SCORE_REFERENCE_KEY].items()}
 
     # Several loaders (the student's per-teacher splits) each update the tasks they label.
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
