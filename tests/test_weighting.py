@@ -13,6 +13,7 @@ from must.config import StudentConfig, load_config
 from must.errors import ConfigError
 from must.models.model import MultiTaskModel
 from must.student import make_weighting
+from must.summary import RunInfo
 from must.tasks import build_task
 from must.train.data import Collator
 from must.train.module import MultiTaskModule
@@ -114,8 +115,8 @@ def test_a_registered_weighting_is_accepted_by_the_config_and_built(monkeypatch)
 
 
 def test_existing_kinds_resolve_as_before():
-    teachers = {"classification": {"info": {"training": {"classification": {
-        "batch_size": 8, "lr": 0.1}}}}}  # fmt: skip
+    teacher = {"training": {"classification": {"dataset": "d", "batch_size": 8, "lr": 0.1}}}
+    teachers = {"classification": RunInfo.read(teacher, "teacher")}
     cfg = student("train.batch_size=4", "train.lr=0.05")
     _, must = make_weighting(cfg, ["classification", "depth"], teachers)
     # 4 * 0.1 / (8 * 0.05) = 1.0; depth by hand.

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from must.errors import ConfigError
 from must.models.backbone import BackboneConfig, load_resnet_weights
 from must.models.model import MultiTaskModel
+from must.summary import RunInfo
 from must.tasks import build_task
 
 FORMAT = "must-model/2"
@@ -75,11 +76,12 @@ def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
-def save_model(model: MultiTaskModel, out_dir: str | Path, info: dict[str, Any]) -> Path:
+def save_model(model: MultiTaskModel, out_dir: str | Path, info: RunInfo | dict[str, Any]) -> Path:
     """Write ``model.safetensors`` and ``summary.json`` into ``out_dir`` (each via a temporary
-    file, so a killed run never leaves half a model)."""
+    file, so a killed run never leaves half a model). ``info``: what the run records."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    info = RunInfo.read(info, out_dir).to_json()
     payload = {"format": FORMAT, **model_spec(model), "info": info}
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     metadata = {META_FORMAT: FORMAT, META_PAYLOAD: json.dumps(payload)}

@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from must.errors import MustError
+
+if TYPE_CHECKING:  # the CLI imports its verbs' modules lazily, so that --help is instant
+    from must.summary import RunInfo
 
 
 def _write_json(path: str, obj: object) -> None:
@@ -105,22 +109,28 @@ def _cmd_teach(args: argparse.Namespace) -> int:
     task = cfg.task
     from must.evaluate import format_table
 
-    info = summary["info"]
-    print(f"teacher for {task} written to {args.out} ({info['steps']} steps)")
+    info = _info(summary, args.out)
+    print(f"teacher for {task} written to {args.out} ({info.steps} steps)")
     print("validation (split 'val'):")
-    print(format_table(info["val"]))
+    print(format_table(info.val))
     _print_test(info, "split 'test'")
     return 0
 
 
-def _print_test(info: dict, where: str) -> None:
+def _info(summary: dict, out: str) -> RunInfo:
+    from must.summary import run_info
+
+    return run_info(summary, out)
+
+
+def _print_test(info: RunInfo, where: str) -> None:
     """The test table, or what was measured instead where a dataset has no 'test' split."""
     from must.evaluate import format_table
 
-    if info.get("test"):
+    if info.test:
         print(f"test ({where}):")
-        print(format_table(info["test"]))
-    untested = info.get("untested") or ([] if info.get("test") else ["all tasks"])
+        print(format_table(info.test))
+    untested = info.untested or ([] if info.test else ["all tasks"])
     if untested:
         print(f"no test metrics for {', '.join(untested)}: no 'test' split (validation above)")
 
@@ -217,12 +227,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = train_student(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     if summary is None:  # another process of a multi-process run: rank 0 reports
         return 0
-    info = summary["info"]
+    info = _info(summary, args.out)
     print(f"student with tasks {', '.join(summary['tasks'])} written to {args.out}")
-    print(f"loss weighting: {info['loss_weighting']}")
-    if info.get("untested") or not info.get("test"):
+    print(f"loss weighting: {info.loss_weighting}")
+    if info.untested or not info.test:
         print("validation (each teacher's own 'val' split):")
-        print(format_table(info["val"]))
+        print(format_table(info.val))
     _print_test(info, "each teacher's own 'test' split")
     return 0
 
@@ -243,10 +253,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     summary = pretrain_simclr(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     if summary is None:  # another process of a multi-process run: rank 0 reports
         return 0
-    info = summary["info"]
+    info = _info(summary, args.out)
     print(
-        f"SimCLR backbone written to {args.out} ({info['steps']} steps, "
-        f"final loss {info['final_loss']:.3f})"
+        f"SimCLR backbone written to {args.out} ({info.steps} steps, "
+        f"final loss {info.final_loss:.3f})"
     )
     return 0
 
@@ -265,12 +275,12 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     )
     if summary is None:  # another process of a multi-process run: rank 0 reports
         return 0
-    info = summary["info"]
+    info = _info(summary, args.out)
     mode = "probe (frozen backbone)" if cfg.freeze_backbone else "fine-tuning"
     print(f"{cfg.task} {mode} from {args.backbone} written to {args.out}")
-    if not info.get("test"):
+    if not info.test:
         print("validation (split 'val'):")
-        print(format_table(info["val"]))
+        print(format_table(info.val))
     _print_test(info, "split 'test', checkpoint selected on validation")
     return 0
 

@@ -16,6 +16,7 @@ from must.data.readers import MultiTaskDataset
 from must.data.spec import load_spec
 from must.data.transforms import RESIZE_MODES
 from must.errors import ConfigError, DataError
+from must.summary import run_info
 from must.tasks.base import Task
 from must.tasks.detection import to_original
 from must.train.data import make_dataset, make_loader, prepare_dataset
@@ -44,10 +45,10 @@ def evaluate(
     results JSON (see :func:`coco_results`).
     """
     model, payload = load_model(checkpoint)
-    info = payload.get("info", {})
-    size = image_size or info.get("image_size", 64)
-    if resize == "auto" and info.get("resize") in RESIZE_MODES:
-        resize = info["resize"]  # fitted as the model was trained
+    info = run_info(payload, checkpoint)
+    size = image_size or info.image_size or 64
+    if resize == "auto" and info.resize in RESIZE_MODES:
+        resize = info.resize  # fitted as the model was trained
     cfg = DataConfig(
         dataset=data,
         num=num,

@@ -51,6 +51,7 @@ from must.models.model import MultiTaskModel
 from must.store import ENCODINGS, PseudoLabelStore, Record, ShardWriter
 from must.store.dataset import image_locations, write_image_locations
 from must.store.shards import HEADER_FILE, KEYS_FILE, sidecar_name
+from must.summary import run_info
 from must.tasks.base import Task, label_size
 from must.train.data import pad_samples, worker_context
 
@@ -159,7 +160,8 @@ def load_teachers(paths: Sequence[str | Path]) -> list[Teacher]:
     for given in paths:
         file = resolve_model_file(given).resolve()
         model, payload = load_model(file)
-        size = payload.get("info", {}).get("image_size")
+        info = run_info(payload, file)
+        size = info.image_size
         if size is None:
             raise ConfigError(
                 f"{file}: records no info.image_size (the input size it was trained on), so "
@@ -183,7 +185,7 @@ def load_teachers(paths: Sequence[str | Path]) -> list[Teacher]:
             tasks.append(name)
         if not tasks:
             raise ConfigError(f"{file}: none of its tasks {list(model.tasks)} can be stored")
-        keep_aspect = payload["info"].get("resize") == "keep_aspect"
+        keep_aspect = info.resize == "keep_aspect"
         if keep_aspect and not isinstance(size, int):
             raise ConfigError(f"{file}: info.resize is keep_aspect but image_size is {size!r}")
         teacher = Teacher(file, file_sha256(file), model, tasks, _pair(size, file), keep_aspect)

@@ -24,6 +24,7 @@ from must.config import SimCLRConfig, TrainConfig, ViewsConfig, dump_yaml
 from must.data.readers import MultiTaskDataset
 from must.models.backbone import Backbone
 from must.models.model import MultiTaskModel
+from must.summary import RunInfo
 from must.teach import claim_output
 from must.train.data import make_loader, prepare_dataset
 from must.train.fit import end_other_processes, fit, make_trainer, train_seconds
@@ -119,23 +120,26 @@ def pretrain_simclr(
     resumed_from = fit(trainer, module, out, loader)
     if not end_other_processes(trainer):
         return None
-    info = {
-        "stage": "simclr",
-        "training": {},
-        "pretraining": {
-            "method": "simclr",
-            "dataset": str(root),
-            "train_images": len(images),
-            "batch_size": tc.batch_size,
-            "lr": tc.lr,
-            "temperature": cfg.temperature,
+    info = RunInfo.read(
+        {
+            "stage": "simclr",
+            "training": {},
+            "pretraining": {
+                "method": "simclr",
+                "dataset": str(root),
+                "train_images": len(images),
+                "batch_size": tc.batch_size,
+                "lr": tc.lr,
+                "temperature": cfg.temperature,
+            },
+            "image_size": cfg.data.image_size,
+            "train_seconds": train_seconds(trainer),
+            "steps": int(trainer.global_step),
+            "resumed_from_step": resumed_from,
+            "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+            "config": cfg.model_dump(mode="json"),
         },
-        "image_size": cfg.data.image_size,
-        "train_seconds": train_seconds(trainer),
-        "steps": int(trainer.global_step),
-        "resumed_from_step": resumed_from,
-        "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
-        "config": cfg.model_dump(mode="json"),
-    }
+        out,
+    )
     save_model(MultiTaskModel(backbone, {}), out, info)
     return json.loads((out / SUMMARY_FILE).read_text())

@@ -22,6 +22,7 @@ import yaml
 
 from must.checkpoint import SUMMARY_FILE
 from must.errors import ConfigError
+from must.summary import RunInfo, run_info
 from must.tasks import TASK_TYPES
 
 STUDENTS = ("student", "multitask", "student_from_multitask")
@@ -33,9 +34,10 @@ def primary(task: str) -> tuple[str, bool]:
     return kind.primary_metric, kind.higher_is_better
 
 
-def _read_summary(folder: Path) -> dict[str, Any] | None:
+def _read_info(folder: Path) -> RunInfo | None:
+    """The run info of a finished run folder (None when it has no summary yet)."""
     file = folder / SUMMARY_FILE
-    return json.loads(file.read_text()) if file.is_file() else None
+    return run_info(json.loads(file.read_text()), file) if file.is_file() else None
 
 
 def collect(run: str | Path) -> dict[str, Any]:
@@ -53,26 +55,25 @@ def collect(run: str | Path) -> dict[str, Any]:
         "transfer": {},
     }
     for folder in sorted((run / "teachers").glob("*")):
-        summary = _read_summary(folder)
-        if summary:
-            out["teachers"][folder.name] = summary["info"]
+        info = _read_info(folder)
+        if info:
+            out["teachers"][folder.name] = info
     candidates = [run / n for n in STUDENTS] + sorted(run.glob("student_pool*"))
     for folder in candidates:
-        summary = _read_summary(folder)
-        if summary:
-            out["students"][folder.name] = summary["info"]
+        info = _read_info(folder)
+        if info:
+            out["students"][folder.name] = info
     for folder in sorted((run / "transfer").glob("*/*")):
-        summary = _read_summary(folder)
-        if summary:
-            info = summary["info"]
-            task = info["config"]["task"]
+        info = _read_info(folder)
+        if info:
+            task = info.config["task"]
             metric, _ = primary(task)
-            value = info["test"].get(task, {}).get(metric)
+            value = info.test.get(task, {}).get(metric)
             out["transfer"].setdefault(folder.parent.name, {})[folder.name] = {
                 "task": task,
                 "metric": metric,
                 "value": value,
-                "test": info["test"].get(task, {}),
+                "test": info.test.get(task, {}),
             }
     status = run / "stages.json"
     out["stages"] = json.loads(status.read_text()) if status.is_file() else {}
@@ -201,6 +202,10 @@ def wins(runs: list[dict[str, Any]], backbone: str = "student") -> dict[str, Any
     return out
 
 
+def _test_value(info: RunInfo | None, task: str, metric: str) -> float | None:
+    return info.test.get(task, {}).get(metric) if info else None
+
+
 def student_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Each teacher's primary test metric on its own test split against the students'."""
     students = []
@@ -212,13 +217,11 @@ def student_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     tasks = sorted({t for r in runs for t in r["teachers"]})
     for task in tasks:
         metric, higher = primary(task)
-        teacher = [
-            r["teachers"].get(task, {}).get("test", {}).get(task, {}).get(metric) for r in runs
-        ]
+        teacher = [_test_value(r["teachers"].get(task), task, metric) for r in runs]
         row = [task, f"{metric} {'↑' if higher else '↓'}", _mean_spread(teacher)]
         values = {}
         for s in students:
-            v = [r["students"].get(s, {}).get("test", {}).get(task, {}).get(metric) for r in runs]
+            v = [_test_value(r["students"].get(s), task, metric) for r in runs]
             values[s] = v
             row.append(_mean_spread(v))
         if students:
@@ -310,7 +313,7 @@ def example_predictions(model_dir: Path, dataset: str, out: Path, num: int = 3) 
         return None
     model, payload = load_model(model_dir)
     model.eval()
-    size = payload["info"].get("image_size", 64)
+    size = run_info(payload, model_dir).image_size or 64
     ds = MultiTaskDataset(
         dataset, split="test", transform=augmentation(AugmentConfig(), size, False)
     )
@@ -448,22 +451,23 @@ def write_report(runs: list[str | Path], out: str | Path) -> Path:
     if first["students"]:
         lines += ["## Loss weights and data", ""]
         for s, info in first["students"].items():
-            weights = info.get("loss_weighting", {})
-            images = next(iter(info.get("training", {}).values()), {}).get("train_images")
+            weights = info.loss_weighting or {}
+            training = next(iter(info.training.values()), None)
+            images = training.train_images if training else None
             lines.append(
                 f"- **{s}** (seed {first['seed']}): {weights.get('kind')} weights "
                 f"{weights.get('weights', weights.get('final'))}; {images} training images; "
-                f"{info.get('steps')} steps in {info.get('train_seconds')} s"
-                + (f"; started from {info['init']['from']}" if info.get("init") else "")
+                f"{info.steps} steps in {info.train_seconds} s"
+                + (f"; started from {info.init['from']}" if info.init else "")
             )
         for task, info in first["teachers"].items():
-            t = info.get("training", {}).get(task)
+            t = info.training.get(task)
             if t is None:
                 continue
             lines.append(
-                f"- teacher **{task}**: {t['train_images']} images of {t.get('dataset_name')}, "
-                f"batch {t['batch_size']}, lr {t['lr']}, {info.get('steps')} steps in "
-                f"{info.get('train_seconds')} s"
+                f"- teacher **{task}**: {t.train_images} images of {t.dataset_name}, "
+                f"batch {t.batch_size}, lr {t.lr}, {info.steps} steps in "
+                f"{info.train_seconds} s"
             )
         lines.append("")
     curves = plot_curves(runs[0], figures / "curves.png")
@@ -473,15 +477,15 @@ def write_report(runs: list[str | Path], out: str | Path) -> Path:
     for s in ("student",):
         info = first["students"].get(s)
         if info:
-            for task, dataset in info.get("evaluated_on", {}).items():
+            for task, dataset in info.evaluated_on.items():
                 pic = example_predictions(runs[0] / s, dataset, figures / f"{s}-{task}.png")
                 if pic:
                     examples.append((f"{s} on the {task} teacher's test images", pic))
     for folder in sorted((runs[0] / "transfer" / "student").glob("*")):
-        summary = _read_summary(folder)
-        if summary:
-            info = summary["info"]
-            dataset = info.get("training", {}).get(info["config"]["task"], {}).get("dataset")
+        info = _read_info(folder)
+        if info:
+            training = info.training.get(info.config["task"])
+            dataset = training.dataset if training else None
             pic = dataset and example_predictions(
                 folder, dataset, figures / f"transfer-{folder.name}.png"
             )

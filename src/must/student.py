@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import (
@@ -24,6 +23,7 @@ from must.data.spec import load_spec
 from must.errors import ConfigError
 from must.models.model import MultiTaskModel
 from must.store.dataset import StoreDataset
+from must.summary import RunInfo, run_info
 from must.tasks import Task, build_task
 from must.teach import claim_output
 from must.train.data import (
@@ -123,9 +123,10 @@ def first_images(dataset: Dataset, fraction: float) -> Dataset:
     )
 
 
-def teacher_summaries(stores: list[StoreDataset]) -> dict[str, dict[str, Any]]:
-    """Per task, the summary of the teacher that labelled it (from the store's header)."""
-    out: dict[str, dict[str, Any]] = {}
+def teacher_summaries(stores: list[StoreDataset]) -> dict[str, RunInfo]:
+    """Per task, the run info of the teacher that labelled it (its summary.json, found from
+    the store's header)."""
+    out: dict[str, RunInfo] = {}
     for ds in stores:
         for teacher in ds.store.teachers:
             summary_file = Path(teacher["path"])
@@ -143,12 +144,12 @@ def teacher_summaries(stores: list[StoreDataset]) -> dict[str, dict[str, Any]]:
                         f"{ds.root}: {task} classes {ds.tasks[task].classes} differ from its "
                         f"teacher's {classes} ({summary_file})"
                     )
-                out.setdefault(task, summary)
+                out.setdefault(task, run_info(summary, summary_file))
     return out
 
 
 def make_weighting(
-    cfg: StudentConfig, tasks: list[str], teachers: dict[str, dict]
+    cfg: StudentConfig, tasks: list[str], teachers: dict[str, RunInfo]
 ) -> tuple[LossWeighting, dict]:
     """The loss weighting ``loss.kind`` names (from the registry), and how it resolved."""
     context = WeightingContext(tasks, cfg.loss, cfg.train, teachers)
@@ -160,13 +161,13 @@ def make_weighting(
     return weighting, resolved
 
 
-def teacher_references(tasks: dict[str, Task], teachers: dict[str, dict]) -> dict[str, float]:
+def teacher_references(tasks: dict[str, Task], teachers: dict[str, RunInfo]) -> dict[str, float]:
     """Per task, its teacher's validation value of the primary metric (where the teacher's
     summary has one): what the student's multi-task selection score compares with."""
     out = {}
     for name, task in tasks.items():
-        value = teachers.get(name, {}).get("info", {}).get("val", {}).get(name, {})
-        value = value.get(task.primary_metric)
+        teacher = teachers.get(name)
+        value = teacher.val.get(name, {}).get(task.primary_metric) if teacher else None
         if isinstance(value, (int, float)):
             out[name] = float(value)
     return out
@@ -246,7 +247,7 @@ def train_student(
     own = {t: str(d.manifest.parent) for d in reversed(datasets) for t in d.tasks}
     for name in names:
         if name in teachers:
-            dataset = teachers[name]["info"]["training"][name]["dataset"]
+            dataset = teachers[name].training[name].dataset
         elif name in own:
             dataset = own[name]
         else:
@@ -275,32 +276,35 @@ def train_student(
     skipped = [{"split": d.split, "path": p, "reason": r} for d in read for p, r in d.skipped]
     if skipped:
         print(skip_report(read))
-    info: dict[str, Any] = {
-        "stage": "student" if stores else "multitask",
-        # As a teacher for a next round, the student's scale is the same for every task.
-        "training": {
-            n: {
-                "dataset": [str(s.root) for s in stores]
-                + [str(d.manifest.parent) for d in datasets],
-                "train_images": len(joined),
-                "batch_size": tc.batch_size,
-                "lr": tc.lr,
-                "image_size": cfg.data.image_size,
-            }
-            for n in names
+    info = RunInfo.read(
+        {
+            "stage": "student" if stores else "multitask",
+            # As a teacher for a next round, the student's scale is the same for every task.
+            "training": {
+                n: {
+                    "dataset": [str(s.root) for s in stores]
+                    + [str(d.manifest.parent) for d in datasets],
+                    "train_images": len(joined),
+                    "batch_size": tc.batch_size,
+                    "lr": tc.lr,
+                    "image_size": cfg.data.image_size,
+                }
+                for n in names
+            },
+            "image_size": cfg.data.image_size,
+            # Stores are read as squares; a joined dataset may keep the aspect: "mixed" then.
+            "resize": _resize(stores, datasets),
+            "loss_weighting": resolved | {"final": weighting.describe()},
+            "init": started,
+            "evaluated_on": eval_sets,
+            "score_reference": module.score_reference,  # what val/score compares each task with
+            "untested": untested,  # tasks whose dataset has no 'test' split
+            "skipped": skipped,
+            **result,
+            "config": cfg.model_dump(mode="json"),
         },
-        "image_size": cfg.data.image_size,
-        # Stores are read as squares; a joined dataset may keep the aspect: "mixed" then.
-        "resize": _resize(stores, datasets),
-        "loss_weighting": resolved | {"final": weighting.describe()},
-        "init": started,
-        "evaluated_on": eval_sets,
-        "score_reference": module.score_reference,  # what val/score compares each task with
-        "untested": untested,  # tasks whose dataset has no 'test' split
-        "skipped": skipped,
-        **result,
-        "config": cfg.model_dump(mode="json"),
-    }
+        out,
+    )
     save_model(model, out, info)
     return json.loads((out / SUMMARY_FILE).read_text())
 

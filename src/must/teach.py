@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -21,6 +20,7 @@ from must.config import TeachConfig, dump_yaml, same_run
 from must.data.readers import MultiTaskDataset, skip_report
 from must.errors import ConfigError
 from must.models.model import MultiTaskModel
+from must.summary import RunInfo
 from must.tasks import build_task
 from must.train.data import make_dataset, make_loader, prepare_dataset, print_notes, require_task
 from must.train.fit import CHECKPOINT_DIR, fit_and_test
@@ -137,26 +137,31 @@ def teach(
         return None
     if any(d.skipped for d in read):
         print(skip_report(read))
-    info: dict[str, Any] = {
-        "stage": stage,
-        "init": started,
-        "freeze_backbone": cfg.freeze_backbone,
-        "training": {
-            cfg.task: {
-                "dataset": str(root),
-                "dataset_name": train_set.name,
-                "train_images": len(train_set),
-                "batch_size": tc.batch_size,
-                "lr": tc.lr,
-                "image_size": cfg.data.image_size,
-            }
+    info = RunInfo.read(
+        {
+            "stage": stage,
+            "init": started,
+            "freeze_backbone": cfg.freeze_backbone,
+            "training": {
+                cfg.task: {
+                    "dataset": str(root),
+                    "dataset_name": train_set.name,
+                    "train_images": len(train_set),
+                    "batch_size": tc.batch_size,
+                    "lr": tc.lr,
+                    "image_size": cfg.data.image_size,
+                }
+            },
+            "image_size": cfg.data.image_size,
+            # How images were fitted to image_size; must label and must eval do the same.
+            "resize": train_set.resize,
+            "skipped": [
+                {"split": d.split, "path": p, "reason": r} for d in read for p, r in d.skipped
+            ],
+            **result,
+            "config": cfg.model_dump(mode="json"),
         },
-        "image_size": cfg.data.image_size,
-        # How images were fitted to image_size; must label and must eval do the same.
-        "resize": train_set.resize,
-        "skipped": [{"split": d.split, "path": p, "reason": r} for d in read for p, r in d.skipped],
-        **result,
-        "config": cfg.model_dump(mode="json"),
-    }
+        out,
+    )
     save_model(model, out, info)
     return json.loads((out / SUMMARY_FILE).read_text())

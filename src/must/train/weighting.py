@@ -16,12 +16,13 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from must.errors import ConfigError
+from must.summary import RunInfo
 
 if TYPE_CHECKING:
     from must.config import LossConfig, TrainConfig
@@ -185,12 +186,13 @@ class DynamicWeightAverage(LossWeighting):
 @dataclass
 class WeightingContext:
     """What a builder may read: the student's tasks, its ``loss`` and ``train`` settings, and
-    per task the summary (``summary.json``) of the teacher that labelled it, where known."""
+    per task the run info (:class:`must.summary.RunInfo`) of the teacher that labelled it,
+    where known."""
 
     tasks: list[str]
     loss: LossConfig
     train: TrainConfig
-    teachers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    teachers: Mapping[str, RunInfo] = field(default_factory=dict)
 
 
 WeightingBuilder = Callable[[WeightingContext], LossWeighting]
@@ -272,8 +274,8 @@ def _must(ctx: WeightingContext) -> LossWeighting:
     scales = {}
     for t in ctx.tasks:
         if t not in loss.hand:
-            training = ctx.teachers[t]["info"]["training"][t]
-            scales[t] = (training["batch_size"], training["lr"])
+            training = ctx.teachers[t].training[t]
+            scales[t] = (training.batch_size, training.lr)
     hand = {t: w for t, w in loss.hand.items() if t in ctx.tasks}
     return FixedWeights(must_weights(ctx.train.batch_size, ctx.train.lr, scales, hand))
 
