@@ -161,6 +161,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="training steps per run")
     parser.add_argument("--pairs", type=int, default=3, help="interleaved (must, bare) pairs")
     parser.add_argument("--num", type=int, default=600, help="images rendered per dataset")
+    parser.add_argument(
+        "--worker-pairs",
+        type=int,
+        default=0,
+        help="also compare must teach with 0 and 1 loader workers (interleaved pairs)",
+    )
     parser.add_argument("--bare", help=argparse.SUPPRESS)  # internal: run the bare loop
     parser.add_argument("--opt", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("extra", nargs="*", help="config overrides for both runs")
@@ -196,7 +202,18 @@ def main() -> None:
                     f"{b['images_per_s']:.1f} images/s, ratio {pairs[-1]['ratio']:.3f}; fixed "
                     f"cost {m['fixed_seconds']:.1f} s"
                 )
+            workers = []
+            for i in range(args.worker_pairs):
+                w0 = run_must(preset, [*opts, "data.num_workers=0"], Path(tmp) / f"{preset}-w0")
+                w1 = run_must(preset, [*opts, "data.num_workers=1"], Path(tmp) / f"{preset}-w1")
+                workers.append(
+                    {"w0": w0, "w1": w1, "ratio": w1["images_per_s"] / w0["images_per_s"]}
+                )
+                print(
+                    f"{preset} workers pair {i}: 1 worker / in-process {workers[-1]['ratio']:.3f}"
+                )
             results["presets"][preset] = {
+                "workers": workers,
                 "pairs": pairs,
                 "ratio": spread([p["ratio"] for p in pairs]),
                 "must_images_per_s": spread([p["must"]["images_per_s"] for p in pairs]),
@@ -214,7 +231,7 @@ def main() -> None:
 def report(results: dict) -> str:
     m, s = results["machine"], results["settings"]
     command = f"python benchmarks/overhead.py --steps {s['steps']} --pairs {s['pairs']} " + (
-        f"--num {s['num']} --presets {' '.join(s['presets'])}"
+        f"--num {s['num']} --worker-pairs {s['worker_pairs']} --presets {' '.join(s['presets'])}"
     )
     if s["extra"]:
         command += " " + " ".join(s["extra"])
@@ -241,6 +258,27 @@ def report(results: dict) -> str:
             f"| {ratio['median']:.3f} [{ratio['min']:.3f}, {ratio['max']:.3f}] ({verdict}) "
             f"| {r['fixed_seconds']['median']:.1f} |"
         )
+    if any(r["workers"] for r in results["presets"].values()):
+        lines += [
+            "",
+            "## Loading in the training process against one loader worker",
+            "",
+            "`must teach` with `data.num_workers=0` and `=1`, interleaved pairs; ratio: images/s "
+            "with one worker over in-process, median [min, max].",
+            "",
+            "| preset | in-process (images/s) | one worker (images/s) | one worker / in-process |",
+            "|---|---:|---:|---:|",
+        ]
+        for preset, r in results["presets"].items():
+            if not r["workers"]:
+                continue
+            ratio = spread([w["ratio"] for w in r["workers"]])
+            w0 = spread([w["w0"]["images_per_s"] for w in r["workers"]])["median"]
+            w1 = spread([w["w1"]["images_per_s"] for w in r["workers"]])["median"]
+            lines.append(
+                f"| {preset} | {w0:.1f} | {w1:.1f} "
+                f"| {ratio['median']:.3f} [{ratio['min']:.3f}, {ratio['max']:.3f}] |"
+            )
     lines += [
         "",
         "Fixed cost: the `must teach` process's wall time minus its training clock (start-up and "
