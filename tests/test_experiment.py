@@ -12,13 +12,12 @@ from must.cli import main
 from must.errors import ConfigError
 from must.experiment import StageFailed, load_experiment, run_experiment
 from must.report import collect, normalised_scores, student_table, transfer_table, write_report
+from tiny import TINY_BACKBONE, TINY_TRAIN_SECTION
 
 TINY = {
     "data": {"num": 20, "render_size": 32, "image_size": 32},
-    "model": {
-        "backbone": {"depth": 10, "widths": [8, 16, 32, 64], "stem_width": 8, "fpn_channels": 16}
-    },
-    "train": {"batch_size": 4, "max_steps": 2, "val_every": 2, "warmup_steps": 1},
+    "model": {"backbone": TINY_BACKBONE},
+    "train": TINY_TRAIN_SECTION,
 }
 TINY_STUDENT = {
     "data": {"image_size": 32},

@@ -15,7 +15,7 @@ from must.errors import ConfigError
 from must.label import label_images
 from must.student import initialise, train_student
 from must.teach import teach
-from tiny import TINY_MODEL
+from tiny import TINY_MODEL, tiny_data
 
 TINY_TRAIN = ["train.warmup_steps=1", "train.max_steps=2", "train.val_every=2"]
 
@@ -25,7 +25,7 @@ def world(tmp_path_factory):
     """Three tiny teachers (different batch sizes and learning rates) and a labelled pool."""
     root = tmp_path_factory.mktemp("student")
     cache = root / "data"
-    data = ["data.num=20", "data.render_size=32", "data.image_size=32", f"data.cache={cache}"]
+    data = tiny_data(cache)
     teachers = {}
     for task, bs, lr in (("classification", 4, 0.1), ("segmentation", 2, 0.05), ("depth", 4, 0.02)):
         cfg = load_config(

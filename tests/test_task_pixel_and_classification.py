@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torchvision import tv_tensors
 
-from must.models.backbone import BackboneConfig
 from must.models.model import MultiTaskModel
 from must.tasks.classification import ClassificationConfig, ClassificationMetric, ClassificationTask
 from must.tasks.depth import DepthConfig, DepthMetric, DepthTask
 from must.tasks.normals import NormalsMetric, NormalsTask
 from must.tasks.segmentation import SegmentationMetric, SegmentationTask, miou_from_confusion
+from tiny import tiny_backbone
 
-TINY = BackboneConfig(depth=10, widths=(8, 16, 32, 64), stem_width=8, fpn_channels=32)
+TINY = tiny_backbone(fpn_channels=32)
 SIZE = 32
 CLASSES = ["cat", "dog", "cow"]
 SEG_CLASSES = ["floor", "wall", "thing"]

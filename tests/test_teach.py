@@ -23,9 +23,9 @@ from must.models.backbone import Backbone, BackboneConfig
 from must.tasks.base import Batch
 from must.teach import teach
 from must.train.module import MultiTaskModule, NonFiniteLossError
-from tiny import TINY_MODEL, tiny_backbone, tiny_steps
+from tiny import TINY_MODEL, tiny_backbone, tiny_data, tiny_steps
 
-TINY = [*TINY_MODEL, "data.num=30", "data.render_size=32", "data.image_size=32", *tiny_steps(4, 2)]
+TINY = [*TINY_MODEL, *tiny_data(num=30), *tiny_steps(4, 2)]
 
 
 def tiny(task_preset: str, cache: Path, *extra: str) -> TeachConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from must.models.backbone import BackboneConfig
@@ -10,8 +11,7 @@ from must.models.backbone import BackboneConfig
 TINY_BACKBONE = {"depth": 10, "widths": [8, 16, 32, 64], "stem_width": 8, "fpn_channels": 16}
 
 TINY_MODEL = [
-    f"model.backbone.{key}="
-    + (str(value).replace(" ", "") if isinstance(value, list) else str(value))
+    f"model.backbone.{key}={json.dumps(value, separators=(',', ':'))}"
     for key, value in TINY_BACKBONE.items()
 ]
 
@@ -37,9 +37,10 @@ def tiny_steps(max_steps: int = 2, every: int | None = None) -> list[str]:
     ]
 
 
-def tiny_data(cache: Path | str, num: int = 20) -> list[str]:
-    """Overrides: ``num`` rendered images at 32 px, cached under ``cache``."""
-    return [f"data.num={num}", "data.render_size=32", "data.image_size=32", f"data.cache={cache}"]
+def tiny_data(cache: Path | str | None = None, num: int = 20) -> list[str]:
+    """Overrides: ``num`` rendered images at 32 px, cached under ``cache`` (if given)."""
+    data = [f"data.num={num}", "data.render_size=32", "data.image_size=32"]
+    return data if cache is None else [*data, f"data.cache={cache}"]
 
 
 # Two steps at 32 px, validated and checkpointed once: enough to exercise a whole training run
