@@ -260,6 +260,7 @@ def test_temperature_flattens_the_soft_labels(root, pool, reference):
     assert PseudoLabelStore(root / "t3").settings["temperature"] == 3.0
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_store(root, pool, multi, reference):
     out = root / "killed"
     args = [

@@ -327,6 +327,7 @@ def test_data_show_draws_images_of_mixed_sizes(folder, tmp_path):
     assert grid.shape[0] > 4 * 100 and grid.shape[1] > 4 * 100  # four rows of four panels
 
 
+@pytest.mark.slow
 def test_student_on_datasets_without_a_test_split_states_it(folder, tmp_path):
     """Teachers train without a 'test' split; so does the student: no test metrics for that
     task, said so, instead of stopping with "no split 'test'"."""

@@ -246,6 +246,7 @@ def metric_steps(out: Path) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_teach_quickly_and_the_resumed_run_keeps_its_history(world, tmp_path):
     out = tmp_path / "stopped"
     steps = ["train.max_steps=8", "train.val_every=4", "train.log_every=1"]

@@ -52,6 +52,7 @@ def student_cfg(store: Path, *extra: str) -> StudentConfig:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_student_trains_on_the_store_with_musts_weights_and_is_tested_per_teacher(world):
     root, teachers, store = world
     summary = train_student(student_cfg(store), root / "student", progress=False)
@@ -74,6 +75,7 @@ def test_student_trains_on_the_store_with_musts_weights_and_is_tested_per_teache
     assert {v["batch_size"] for v in info["training"].values()} == {4}
 
 
+@pytest.mark.slow
 def test_export_writes_the_backbone_under_resnet_key_names(world, tmp_path):
     _root, teachers, _ = world
     out = tmp_path / "backbone.safetensors"
@@ -85,6 +87,7 @@ def test_export_writes_the_backbone_under_resnet_key_names(world, tmp_path):
     assert all(torch.equal(state[k], body[k]) for k in body)
 
 
+@pytest.mark.slow
 def test_initialising_from_a_checkpoint_copies_its_backbone_and_matching_heads(world):
     _root, teachers, _store = world
     from must.models.model import MultiTaskModel
@@ -104,6 +107,7 @@ def test_initialising_from_a_checkpoint_copies_its_backbone_and_matching_heads(w
     )
 
 
+@pytest.mark.slow
 def test_bad_student_inputs_are_refused_before_training(world, tmp_path):
     _root, _teachers, store = world
     with pytest.raises(ConfigError, match="at least one store"):

@@ -218,6 +218,7 @@ def test_predictions_without_target_in_train_mode_and_under_autocast():
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses["detection"].values())
 
 
+@pytest.mark.slow
 def test_overfits_two_images():
     """~120 AdamW steps on two fixed images: the loss falls well below half its start and the
     eval-mode detections match the boxes (AP50 > 0.5; it is 1.0 in practice)."""

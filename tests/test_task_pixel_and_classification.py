@@ -148,12 +148,14 @@ def _overfit(names, steps: int) -> tuple[dict, dict]:
     return first, last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_loss_decreases_when_overfitting_a_tiny_batch(name):
     first, last = _overfit([name], steps=30)
     assert last[name] < 0.5 * first[name], (first, last)
 
 
+@pytest.mark.slow
 def test_all_four_heads_train_together_in_one_model():
     first, last = _overfit(NAMES, steps=30)
     for name in NAMES:

@@ -135,6 +135,7 @@ def test_finished_teacher_is_not_retrained_and_another_config_is_refused(seg_tea
         teach(tiny("teach_segmentation_cpu", cache, "train.lr=0.1"), seg_teacher, progress=False)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(cache, tmp_path):
     out = tmp_path / "killed"
     args = [

@@ -71,6 +71,7 @@ def test_probe_keeps_the_backbone_and_its_batch_norm_statistics_fixed(world, tmp
     assert all(torch.equal(probed[k], teacher[k]) for k in backbone)
 
 
+@pytest.mark.slow
 def test_fine_tuning_changes_the_backbone_and_random_means_no_init(world, tmp_path):
     root, cache = world
     assert main(["transfer", "transfer_cpu", *TINY_MODEL, *TINY_TRAIN, "task=depth",
@@ -114,6 +115,7 @@ def tiny_simclr(cache) -> SimCLRConfig:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_simclr_writes_a_backbone_that_transfer_accepts(world, tmp_path):
     _root, cache = world
     cfg = tiny_simclr(cache)
@@ -132,6 +134,7 @@ def test_simclr_writes_a_backbone_that_transfer_accepts(world, tmp_path):
     assert (tmp_path / "simclr" / "model.safetensors").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_multitask_baseline_trains_on_the_union_of_labelled_sets(world, tmp_path):
     _root, cache = world
     sets = [
