@@ -1,12 +1,12 @@
 # Two entry points for a fresh machine: `make quickstart` runs the main job (the whole method
-# at toy scale), `make test` runs the tests.
+# at toy scale), `make test` runs the tests (`make test-fast`: all but the slow ones).
 # Each creates the virtual environment on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: quickstart demo test format bench clean-venv
+.PHONY: quickstart demo test test-fast format bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# The same checks without the long end-to-end and multi-process tests (marked slow).
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -m "not slow"
 
 format: $(STAMP)
 	$(BIN)/ruff format .

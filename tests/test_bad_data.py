@@ -21,15 +21,13 @@ from must.config import DataConfig, TeachConfig, load_config
 from must.data.readers import MultiTaskDataset, read_image
 from must.errors import ConfigError, DataError
 from must.evaluate import NothingToMeasure, evaluate
-from must.models.backbone import BackboneConfig
 from must.models.model import MultiTaskModel
 from must.tasks import build_task
 from must.teach import teach
 from must.train.data import make_dataset, make_loader, prepare_dataset
-from tiny import TINY_MODEL, TINY_STEPS
+from tiny import TINY_MODEL, TINY_STEPS, tiny_backbone
 
 H, W = 32, 32
-TINY_BACKBONE = BackboneConfig(depth=10, widths=(8, 16, 32, 64), stem_width=8, fpn_channels=16)
 TEACH = [*TINY_MODEL, *TINY_STEPS]
 
 
@@ -81,7 +79,7 @@ def make_dataset_folder(
 
 def checkpoint(root: Path, tasks: dict[str, list[str] | None]) -> Path:
     """An untrained tiny model of these tasks, saved as must saves a trained one."""
-    model = MultiTaskModel(TINY_BACKBONE, {t: build_task(t, c, None) for t, c in tasks.items()})
+    model = MultiTaskModel(tiny_backbone(), {t: build_task(t, c, None) for t, c in tasks.items()})
     out = root / ("ckpt_" + "_".join(tasks))
     save_model(model, out, {"image_size": H})
     return out

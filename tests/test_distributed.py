@@ -15,24 +15,13 @@ from must.checkpoint import load_model, save_model
 from must.data.readers import MultiTaskDataset
 from must.evaluate import evaluate
 from must.label import label_images
-from must.models.backbone import BackboneConfig
 from must.models.model import MultiTaskModel
 from must.tasks import build_task
-from tiny import TINY_MODEL
+from tiny import TINY_MODEL, tiny_backbone, tiny_data, tiny_steps
 
 # Three images in 'val' and three in 'test' (30 rendered: 24/3/3): two processes would each
 # get two of them, one image twice, if the final evaluation were shared between them.
-TINY = [
-    *TINY_MODEL,
-    "data.num=30",
-    "data.render_size=32",
-    "data.image_size=32",
-    "train.batch_size=4",
-    "train.warmup_steps=1",
-    "train.max_steps=6",
-    "train.val_every=3",
-    "train.checkpoint_every=3",
-]
+TINY = [*TINY_MODEL, *tiny_data(num=30), *tiny_steps(6, 3)]
 TWO_PROCESSES = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu"]
 
 
@@ -94,8 +83,7 @@ def test_two_process_student_is_written_and_reported_once(teacher, tmp_path):
     out = tmp_path / "student"
     proc = must(
         "train", "train_student_cpu", "--store", store, "--out", out, "--quiet",
-        *TINY_MODEL, "data.image_size=32", "train.batch_size=4", "train.warmup_steps=1",
-        "train.max_steps=4", "train.val_every=2", "train.checkpoint_every=2", *TWO_PROCESSES,
+        *TINY_MODEL, "data.image_size=32", *tiny_steps(4, 2), *TWO_PROCESSES,
     )  # fmt: skip
     assert proc.stdout.count("student with tasks segmentation written to") == 1
     assert proc.stdout.count("test (each teacher's own 'test' split):") == 1
@@ -109,10 +97,7 @@ def test_two_process_student_is_written_and_reported_once(teacher, tmp_path):
 
 
 def tiny_model() -> MultiTaskModel:
-    return MultiTaskModel(
-        BackboneConfig(depth=10, widths=[8, 16, 32, 64], stem_width=8, fpn_channels=16),
-        {"depth": build_task("depth", None)},
-    )
+    return MultiTaskModel(tiny_backbone(), {"depth": build_task("depth", None)})
 
 
 def test_two_writers_of_one_folder_never_share_a_temporary(tmp_path, monkeypatch):

@@ -12,13 +12,12 @@ from must.cli import main
 from must.errors import ConfigError
 from must.experiment import StageFailed, load_experiment, run_experiment
 from must.report import collect, normalised_scores, student_table, transfer_table, write_report
+from tiny import TINY_BACKBONE, TINY_TRAIN_SECTION
 
 TINY = {
     "data": {"num": 20, "render_size": 32, "image_size": 32},
-    "model": {
-        "backbone": {"depth": 10, "widths": [8, 16, 32, 64], "stem_width": 8, "fpn_channels": 16}
-    },
-    "train": {"batch_size": 4, "max_steps": 2, "val_every": 2, "warmup_steps": 1},
+    "model": {"backbone": TINY_BACKBONE},
+    "train": TINY_TRAIN_SECTION,
 }
 TINY_STUDENT = {
     "data": {"image_size": 32},
@@ -71,6 +70,7 @@ def mtimes(run: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in run.rglob("model.safetensors")}
 
 
+@pytest.mark.slow
 def test_a_run_goes_through_every_stage_and_writes_the_report(finished_run):
     _root, run = finished_run
     status = json.loads((run / "stages.json").read_text())
@@ -95,6 +95,7 @@ def test_a_run_goes_through_every_stage_and_writes_the_report(finished_run):
     assert (run / "report.html").is_file() and (run / "report" / "curves.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_second_run_skips_every_complete_stage(finished_run, capsys):
     root, run = finished_run
     before = mtimes(run)
@@ -105,6 +106,7 @@ def test_a_second_run_skips_every_complete_stage(finished_run, capsys):
         assert all(v.startswith("skipped") for v in status[stage]["jobs"].values()), stage
 
 
+@pytest.mark.slow
 def test_a_failed_stage_keeps_earlier_outputs_and_a_rerun_continues(finished_run, monkeypatch):
     root, run = finished_run
     import shutil
@@ -252,6 +254,7 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
         write_report([tmp_path], tmp_path)
 
 
+@pytest.mark.slow
 def test_a_changed_experiment_never_reuses_a_model_trained_with_another_config(finished_run):
     root, run = finished_run
     changed = {**TINY, "train": {**TINY["train"], "lr": 0.5}}

@@ -3,10 +3,7 @@ data (COCO, ImageFolder, ADE-style masks, KITTI-style depth) is read; bad input 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +12,6 @@ import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
-
-if importlib.util.find_spec("must.data.transforms") is None:  # written concurrently elsewhere
-    _stub = types.ModuleType("must.data.transforms")
-
-    class Depth(tv_tensors.Mask):
-        pass
-
-    class Normals(tv_tensors.Mask):
-        pass
-
-    _stub.Depth, _stub.Normals = Depth, Normals
-    sys.modules["must.data.transforms"] = _stub
 
 from must.data.formats import WriteOptions, finish_dataset, write_sample
 from must.data.readers import MultiTaskDataset

@@ -31,13 +31,14 @@ from must.data.styles import load_style
 from must.data.transforms import build_transforms
 from must.errors import ConfigError
 from must.label import LabelSettings, label_images
-from must.models.backbone import Backbone, BackboneConfig
+from must.models.backbone import Backbone
 from must.models.model import MultiTaskModel
 from must.store import PseudoLabelStore, StoreDataset
 from must.tasks import build_task
+from tiny import tiny_backbone
 
 STYLE = load_style("mixed")
-TINY = BackboneConfig(depth=10, widths=(8, 16, 32, 64), stem_width=8, fpn_channels=16)
+TINY = tiny_backbone()
 POOL_SIZE, POOL_PX, INPUT_PX = 12, 40, 32  # images are 40 px, the teachers were "trained" at 32
 SHARD, BATCH = 4, 4
 
@@ -259,6 +260,7 @@ def test_temperature_flattens_the_soft_labels(root, pool, reference):
     assert PseudoLabelStore(root / "t3").settings["temperature"] == 3.0
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_store(root, pool, multi, reference):
     out = root / "killed"
     args = [

@@ -28,7 +28,7 @@ from must.evaluate import _coco_ids, coco_results
 from must.tasks.detection import DetectionMetric, DetectionTask
 from must.teach import teach
 from must.train.data import Collator, make_dataset, make_loader
-from tiny import TINY_MODEL
+from tiny import TINY_MODEL, tiny_steps
 
 # (width, height): landscape, portrait, square and an odd one; the longest is 120 px.
 SIZES = [(120, 72), (54, 96), (80, 80), (100, 62)]
@@ -270,11 +270,7 @@ def teacher(tmp_path_factory, folder) -> Path:
             "data.image_size=64",
             # Keep every detection: a 4-step model's scores are low, and eval needs some.
             "model.heads.detection.box_score_thresh=0.0",
-            "train.batch_size=4",
-            "train.warmup_steps=1",
-            "train.max_steps=4",
-            "train.val_every=2",
-            "train.checkpoint_every=2",
+            *tiny_steps(4, 2),
         ],
     )
     torch.manual_seed(0)  # the weights are drawn before training seeds itself
@@ -331,6 +327,7 @@ def test_data_show_draws_images_of_mixed_sizes(folder, tmp_path):
     assert grid.shape[0] > 4 * 100 and grid.shape[1] > 4 * 100  # four rows of four panels
 
 
+@pytest.mark.slow
 def test_student_on_datasets_without_a_test_split_states_it(folder, tmp_path):
     """Teachers train without a 'test' split; so does the student: no test metrics for that
     task, said so, instead of stopping with "no split 'test'"."""
@@ -344,11 +341,7 @@ def test_student_on_datasets_without_a_test_split_states_it(folder, tmp_path):
             *TINY_MODEL,
             f"data.datasets=[{{dataset: {folder}}}]",
             "loss.kind=equal",
-            "train.batch_size=4",
-            "train.warmup_steps=1",
-            "train.max_steps=2",
-            "train.val_every=2",
-            "train.checkpoint_every=2",
+            *tiny_steps(2),
         ],
     )
     printed = io.StringIO()

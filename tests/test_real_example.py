@@ -174,6 +174,7 @@ def make_fashion(root: Path) -> tuple[Path, bool]:
     return root, False
 
 
+@pytest.mark.slow
 def test_real_example_runs_every_stage_on_dataset_folders(tmp_path):
     data = tmp_path / "data"
     _, real = make_fashion(data / "fashion-mnist")

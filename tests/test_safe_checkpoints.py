@@ -23,9 +23,9 @@ from must.config import TeachConfig, load_config
 from must.errors import ConfigError
 from must.teach import teach
 from must.train.module import NonFiniteLossError
-from tiny import TINY_MODEL, TINY_STEPS
+from tiny import TINY_BACKBONE, TINY_MODEL, TINY_TRAIN_SECTION, tiny_data, tiny_steps
 
-TINY = [*TINY_MODEL, "data.num=20", "data.render_size=32", *TINY_STEPS]
+TINY = [*TINY_MODEL, *tiny_data(), *tiny_steps(2)]
 
 
 class Payload:
@@ -72,11 +72,10 @@ def student_yaml(w: dict[str, Path], tmp_path: Path) -> Path:
     """A supervised multi-task config (no store needed) on the teacher's dataset."""
     cfg = {
         "data": {"image_size": 32, "datasets": [{"dataset": str(w["dataset"])}]},
-        "model": {"backbone": {"depth": 10, "widths": [8, 16, 32, 64], "stem_width": 8,
-                               "fpn_channels": 16}},
+        "model": {"backbone": TINY_BACKBONE},
         "loss": {"kind": "equal"},
-        "train": {"batch_size": 4, "max_steps": 2, "val_every": 2, "warmup_steps": 1},
-    }  # fmt: skip
+        "train": TINY_TRAIN_SECTION,
+    }
     path = tmp_path / "student.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -247,6 +246,7 @@ def metric_steps(out: Path) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_teach_quickly_and_the_resumed_run_keeps_its_history(world, tmp_path):
     out = tmp_path / "stopped"
     steps = ["train.max_steps=8", "train.val_every=4", "train.log_every=1"]

@@ -152,6 +152,7 @@ def start_together(*argvs: list[str]) -> list[subprocess.CompletedProcess]:
     return out
 
 
+@pytest.mark.slow
 def test_the_same_command_started_twice_on_one_store_finishes_cleanly(world, tmp_path):
     teacher, pool, made = world
     store = tmp_path / "store"
@@ -164,6 +165,7 @@ def test_the_same_command_started_twice_on_one_store_finishes_cleanly(world, tmp
     assert same_files(store, made)
 
 
+@pytest.mark.slow
 def test_two_ranks_at_the_same_time_make_the_complete_store(world, tmp_path):
     teacher, pool, made = world
     store = tmp_path / "store"

@@ -18,7 +18,7 @@ from must.student import initialise, train_student
 from must.tasks import TASK_TYPES
 from must.teach import teach
 from must.train.fit import read_checkpoint
-from tiny import TINY_MODEL
+from tiny import TINY_MODEL, tiny_data
 
 TINY_TRAIN = ["train.warmup_steps=1", "train.max_steps=2", "train.val_every=2"]
 
@@ -28,7 +28,7 @@ def world(tmp_path_factory):
     """Three tiny teachers (different batch sizes and learning rates) and a labelled pool."""
     root = tmp_path_factory.mktemp("student")
     cache = root / "data"
-    data = ["data.num=20", "data.render_size=32", "data.image_size=32", f"data.cache={cache}"]
+    data = tiny_data(cache)
     teachers = {}
     for task, bs, lr in (("classification", 4, 0.1), ("segmentation", 2, 0.05), ("depth", 4, 0.02)):
         cfg = load_config(
@@ -55,6 +55,7 @@ def student_cfg(store: Path, *extra: str) -> StudentConfig:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_student_trains_on_the_store_with_musts_weights_and_is_tested_per_teacher(world):
     root, teachers, store = world
     summary = train_student(student_cfg(store), root / "student", progress=False)
@@ -105,6 +106,7 @@ def test_pcgrad_trains_the_student_and_is_refused_where_unsupported(world, tmp_p
             )
 
 
+@pytest.mark.slow
 def test_export_writes_the_backbone_under_resnet_key_names(world, tmp_path):
     _root, teachers, _ = world
     out = tmp_path / "backbone.safetensors"
@@ -116,6 +118,7 @@ def test_export_writes_the_backbone_under_resnet_key_names(world, tmp_path):
     assert all(torch.equal(state[k], body[k]) for k in body)
 
 
+@pytest.mark.slow
 def test_initialising_from_a_checkpoint_copies_its_backbone_and_matching_heads(world):
     _root, teachers, _store = world
     from must.models.model import MultiTaskModel
@@ -135,6 +138,7 @@ def test_initialising_from_a_checkpoint_copies_its_backbone_and_matching_heads(w
     )
 
 
+@pytest.mark.slow
 def test_bad_student_inputs_are_refused_before_training(world, tmp_path):
     _root, _teachers, store = world
     with pytest.raises(ConfigError, match="at least one store"):

@@ -12,7 +12,6 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
 from must.errors import ConfigError
-from must.models.backbone import BackboneConfig
 from must.models.model import MultiTaskModel
 from must.tasks import build_task
 from must.tasks.detection import (
@@ -21,8 +20,9 @@ from must.tasks.detection import (
     DetectionTask,
     _StrideAnchorGenerator,
 )
+from tiny import tiny_backbone
 
-TINY = BackboneConfig(depth=10, widths=(8, 16, 32, 64), stem_width=8, fpn_channels=32)
+TINY = tiny_backbone(fpn_channels=32)
 SIZE = 64
 CLASSES = ["red", "green"]
 # Two fixed scenes: (boxes XYXY, labels); class 0 is a red rectangle, class 1 a green one.
@@ -218,6 +218,7 @@ def test_predictions_without_target_in_train_mode_and_under_autocast():
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses["detection"].values())
 
 
+@pytest.mark.slow
 def test_overfits_two_images():
     """~120 AdamW steps on two fixed images: the loss falls well below half its start and the
     eval-mode detections match the boxes (AP50 > 0.5; it is 1.0 in practice)."""

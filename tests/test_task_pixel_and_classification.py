@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torchvision import tv_tensors
 
-from must.models.backbone import BackboneConfig
 from must.models.model import MultiTaskModel
 from must.tasks.classification import ClassificationConfig, ClassificationMetric, ClassificationTask
 from must.tasks.depth import DepthConfig, DepthMetric, DepthTask
@@ -21,8 +20,9 @@ from must.tasks.segmentation import (
     SegmentationTask,
     miou_from_confusion,
 )
+from tiny import tiny_backbone
 
-TINY = BackboneConfig(depth=10, widths=(8, 16, 32, 64), stem_width=8, fpn_channels=32)
+TINY = tiny_backbone(fpn_channels=32)
 SIZE = 32
 CLASSES = ["cat", "dog", "cow"]
 SEG_CLASSES = ["floor", "wall", "thing"]
@@ -182,12 +182,14 @@ def _overfit(names, steps: int) -> tuple[dict, dict]:
     return first, last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_loss_decreases_when_overfitting_a_tiny_batch(name):
     first, last = _overfit([name], steps=30)
     assert last[name] < 0.5 * first[name], (first, last)
 
 
+@pytest.mark.slow
 def test_all_four_heads_train_together_in_one_model():
     first, last = _overfit(NAMES, steps=30)
     for name in NAMES:

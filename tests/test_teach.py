@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -22,19 +23,9 @@ from must.models.backbone import Backbone, BackboneConfig
 from must.tasks.base import Batch
 from must.teach import teach
 from must.train.module import MultiTaskModule, NonFiniteLossError
-from tiny import TINY_MODEL
+from tiny import TINY_MODEL, tiny_backbone, tiny_data, tiny_steps
 
-TINY = [
-    *TINY_MODEL,
-    "data.num=30",
-    "data.render_size=32",
-    "data.image_size=32",
-    "train.batch_size=4",
-    "train.warmup_steps=1",
-    "train.max_steps=4",
-    "train.val_every=2",
-    "train.checkpoint_every=2",
-]
+TINY = [*TINY_MODEL, *tiny_data(num=30), *tiny_steps(4, 2)]
 
 
 def tiny(task_preset: str, cache: Path, *extra: str) -> TeachConfig:
@@ -76,24 +67,64 @@ def test_teacher_records_what_must_needs_and_eval_reproduces_its_test_metrics(
     )
 
 
+# Each metric's range: fractions in [0, 1], errors and ratios >= 0. COCO's AP and AR of a size
+# range with no ground-truth object in it is -1.
+METRIC_RANGES = {
+    "classification": dict.fromkeys(["top1", "top5"], "fraction"),
+    "detection": {
+        **dict.fromkeys(["map", "map_50", "map_75", "mar_1", "mar_10", "mar_100"], "fraction"),
+        **dict.fromkeys(
+            [f"{m}_{size}" for m in ("map", "mar") for size in ("small", "medium", "large")],
+            "fraction or -1",
+        ),
+    },
+    "depth": {
+        **dict.fromkeys(["abs_rel", "rmse", "scale_gt_over_pred"], "non-negative"),
+        **dict.fromkeys(["delta1", "delta2", "delta3", "delta1_aligned"], "fraction"),
+    },
+}
+
+
+def in_range(value: float, kind: str) -> bool:
+    fraction = 0 <= value <= 1
+    return {
+        "fraction": fraction,
+        "fraction or -1": fraction or value == -1,
+        "non-negative": value >= 0,
+    }[kind]
+
+
 @pytest.mark.parametrize(
-    "preset",
-    ["teach_classification_cpu", "teach_detection_cpu", "teach_depth_cpu"],
+    ("preset", "task", "style"),
+    [
+        ("teach_classification_cpu", "classification", "objects"),
+        ("teach_detection_cpu", "detection", "cluttered"),
+        ("teach_depth_cpu", "depth", "depth"),
+    ],
 )
-def test_each_embedded_teacher_trains_end_to_end(preset, cache, tmp_path):
+def test_each_embedded_teacher_trains_end_to_end(preset, task, style, cache, tmp_path):
     cfg = tiny(preset, cache, "train.max_steps=2", "train.val_every=2")
-    summary = teach(cfg, tmp_path / "t", progress=False)
-    task = cfg.task
-    metric = summary["tasks"][task]
-    assert (
-        set(summary["info"]["test"][task])
-        >= {
-            "classification": {"top1", "top5"},
-            "detection": {"map", "map_50", "map_75"},
-            "depth": {"abs_rel", "rmse", "delta1"},
-        }[task]
-    )
-    assert metric["name"] == task
+    assert cfg.task == task
+    out = tmp_path / "t"
+    summary = teach(cfg, out, progress=False)
+    info = summary["info"]
+    assert summary["tasks"][task]["classes"] == load_style(style).classes().get(task, [])
+    training = info["training"][task]
+    assert training["dataset_name"] == style
+    assert Path(training["dataset"]).name.startswith(f"{style}_n30_px32")
+    assert info["steps"] == cfg.train.max_steps == 2
+    test = info["test"][task]
+    assert set(test) == set(METRIC_RANGES[task])
+    for metric, value in test.items():
+        ok = math.isfinite(value) and in_range(value, METRIC_RANGES[task][metric])
+        assert ok, f"{metric} = {value}"
+    # The model file loads, and evaluating it on the test split gives the summary's figures.
+    model, _ = load_model(out)
+    assert list(model.tasks) == [task]
+    again = evaluate(out, training["dataset"], "test", progress=False)
+    assert set(again) == {task}
+    for metric, value in test.items():
+        assert again[task][metric] == pytest.approx(value, abs=1e-6), metric
 
 
 def test_finished_teacher_is_not_retrained_and_another_config_is_refused(seg_teacher, cache):
@@ -104,6 +135,7 @@ def test_finished_teacher_is_not_retrained_and_another_config_is_refused(seg_tea
         teach(tiny("teach_segmentation_cpu", cache, "train.lr=0.1"), seg_teacher, progress=False)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(cache, tmp_path):
     out = tmp_path / "killed"
     args = [
@@ -205,7 +237,7 @@ def test_backbone_loads_local_torchvision_and_timm_state_dicts(tmp_path):
     assert torch.equal(a.body.layer3[1].conv2.weight, ref["layer3.1.conv2.weight"])
     with pytest.raises(ConfigError, match=r"r18\.pt: weights do not fit.*depth"):
         Backbone(BackboneConfig(depth=34, weights=str(tv)))
-    small = BackboneConfig(depth=10, widths=(8, 16, 32, 64), stem_width=8, fpn_channels=16)
+    small = tiny_backbone()
     ours = tmp_path / "ours.pt"
     torch.save(
         {"backbone.body." + k: v for k, v in Backbone(small).body.state_dict().items()}, ours

@@ -14,7 +14,7 @@ from must.pretrain import pretrain_simclr, simclr_views
 from must.student import train_student
 from must.tasks import build_task
 from must.teach import teach
-from tiny import TINY_MODEL
+from tiny import TINY_MODEL, tiny_data
 
 TINY_TRAIN = ["train.warmup_steps=1", "train.max_steps=3", "train.val_every=3"]
 
@@ -23,11 +23,10 @@ TINY_TRAIN = ["train.warmup_steps=1", "train.max_steps=3", "train.val_every=3"]
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("transfer")
     cache = root / "data"
-    data = ["data.num=20", "data.render_size=32", "data.image_size=32", f"data.cache={cache}"]
     cfg = load_config(
         TeachConfig,
         "teach_segmentation_cpu",
-        [*TINY_MODEL, *TINY_TRAIN, *data, "train.batch_size=4"],
+        [*TINY_MODEL, *TINY_TRAIN, *tiny_data(cache), "train.batch_size=4"],
     )
     teach(cfg, root / "teacher", progress=False)
     return root, cache
@@ -37,9 +36,8 @@ def transfer_cfg(cache, task: str, *extra: str) -> TeachConfig:
     return load_config(
         TeachConfig,
         "transfer_cpu",
-        [*TINY_MODEL, *TINY_TRAIN, f"task={task}", "data.num=20", "data.render_size=32",
-         "data.image_size=32", f"data.cache={cache}", "train.batch_size=4", *extra],
-    )  # fmt: skip
+        [*TINY_MODEL, *TINY_TRAIN, f"task={task}", *tiny_data(cache), "train.batch_size=4", *extra],
+    )
 
 
 def test_transfer_head_starts_afresh_even_for_the_checkpoints_own_task(world):
@@ -73,11 +71,11 @@ def test_probe_keeps_the_backbone_and_its_batch_norm_statistics_fixed(world, tmp
     assert all(torch.equal(probed[k], teacher[k]) for k in backbone)
 
 
+@pytest.mark.slow
 def test_fine_tuning_changes_the_backbone_and_random_means_no_init(world, tmp_path):
     root, cache = world
     assert main(["transfer", "transfer_cpu", *TINY_MODEL, *TINY_TRAIN, "task=depth",
-                 "data.num=20", "data.render_size=32", "data.image_size=32",
-                 f"data.cache={cache}", "train.batch_size=4", "--backbone", str(root / "teacher"),
+                 *tiny_data(cache), "train.batch_size=4", "--backbone", str(root / "teacher"),
                  "--out", str(tmp_path / "ft"), "--quiet"]) == 0  # fmt: skip
     tuned = load_model(tmp_path / "ft")[0].state_dict()
     teacher = load_model(root / "teacher")[0].state_dict()
@@ -113,11 +111,11 @@ def tiny_simclr(cache) -> SimCLRConfig:
         SimCLRConfig,
         "simclr_cpu",
         [*TINY_MODEL, "train.warmup_steps=1", "train.max_steps=3", "train.val_every=3",
-         "train.batch_size=8", "data.num=20", "data.render_size=32", "data.image_size=32",
-         f"data.cache={cache}"],
+         "train.batch_size=8", *tiny_data(cache)],
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_simclr_writes_a_backbone_that_transfer_accepts(world, tmp_path):
     _root, cache = world
     cfg = tiny_simclr(cache)
@@ -136,6 +134,7 @@ def test_simclr_writes_a_backbone_that_transfer_accepts(world, tmp_path):
     assert (tmp_path / "simclr" / "model.safetensors").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_multitask_baseline_trains_on_the_union_of_labelled_sets(world, tmp_path):
     _root, cache = world
     sets = [
