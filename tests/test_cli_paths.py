@@ -164,12 +164,13 @@ def test_head_settings_are_checked_with_the_config_before_any_work(tmp_path):
 
 def test_runs_without_a_test_split_print_validation_not_an_empty_test_table(capsys):
     from must.cli import _print_test
+    from must.summary import RunInfo
 
-    _print_test({"val": {"depth": {"abs_rel": 0.2}}, "test": {}}, "split 'test'")
+    _print_test(RunInfo.read({"val": {"depth": {"abs_rel": 0.2}}, "test": {}}, "r"), "split 'test'")
     out = capsys.readouterr().out
     assert "test (" not in out  # no heading over an empty table
     assert "no test metrics for all tasks: no 'test' split" in out
-    info = {"test": {"depth": {"abs_rel": 0.2}}, "untested": ["detection"]}
+    info = RunInfo.read({"test": {"depth": {"abs_rel": 0.2}}, "untested": ["detection"]}, "r")
     _print_test(info, "each teacher's own 'test' split")
     out = capsys.readouterr().out
     assert out.startswith("test (each teacher's own 'test' split):\n")
