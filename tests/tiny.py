@@ -17,3 +17,7 @@ TINY_STEPS = [
     "train.val_every=2",
     "train.checkpoint_every=2",
 ]
+
+# A timm backbone of another family (timm's smallest ConvNeXt), at the same FPN width: the
+# presets' ResNet sizes are ignored for it.
+TIMM_MODEL = ["model.backbone.name=test_convnext", "model.backbone.fpn_channels=16"]

@@ -19,7 +19,7 @@ from pydantic import (
 
 from must.data.styles import deep_merge
 from must.errors import ConfigError, describe_validation_error
-from must.models.backbone import BackboneConfig
+from must.models.backbone import RESNET, BackboneConfig
 
 TaskName = Literal["classification", "detection", "segmentation", "depth", "normals"]
 
@@ -384,6 +384,10 @@ def same_run(recorded: Any, current: Any) -> bool:
         for section, key in EXECUTION_ONLY:
             if isinstance(cfg.get(section), dict):
                 cfg[section].pop(key, None)
+        # Runs recorded before backbones had names trained the ResNet.
+        model = cfg.get("model")
+        if isinstance(model, dict) and isinstance(model.get("backbone"), dict):
+            cfg["model"] = {**model, "backbone": {"name": RESNET, **model["backbone"]}}
         return cfg
 
     return strip(recorded) == strip(current)
