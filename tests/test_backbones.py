@@ -72,6 +72,47 @@ def test_heads_are_built_from_the_description_and_refuse_missing_maps():
     )
 
 
+def test_every_head_trains_on_a_timm_backbone_at_32_pixels():
+    # At 32 px the stride-32 map (and P6, P7) is 1x1; the FPN and every head still work.
+    torch.manual_seed(0)
+    tasks = {
+        "classification": build_task("classification", ["a", "b"]),
+        "detection": build_task("detection", ["a"], {"levels": ["p2", "p3", "p4"]}),
+        "segmentation": build_task("segmentation", ["a", "b"]),
+        "depth": build_task("depth", None),
+        "normals": build_task("normals", None),
+    }
+    model = MultiTaskModel(BackboneConfig(name="test_efficientnet", fpn_channels=16), tasks)
+    samples = []
+    for i in range(4):
+        normals = torch.zeros(3, 32, 32)
+        normals[2] = -1.0
+        samples.append(
+            {
+                "classification": torch.tensor(i % 2),
+                "boxes": torch.tensor([[4.0, 4.0, 20.0, 24.0]]),
+                "box_labels": torch.tensor([0]),
+                "segmentation": (torch.arange(32)[:, None] > 15).long().expand(32, 32),
+                "depth": torch.full((1, 32, 32), 2.0),
+                "normals": normals,
+            }
+        )
+    targets = {name: task.collate(samples) for name, task in tasks.items()}
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    _, losses = model(images, targets)
+    total = sum(term for task in losses.values() for term in task.values())
+    assert set(losses) == set(tasks) and torch.isfinite(total)
+    total.backward()
+    for name, head in model.heads.items():
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters()), name
+    assert all(p.grad is not None for p in model.backbone.body.parameters())
+    model.eval()
+    with torch.no_grad():
+        predictions, _ = model(images)
+    assert predictions["segmentation"].shape == (4, 2, 32, 32)
+    assert predictions["classification"].shape == (4, 2) and len(predictions["detection"]) == 4
+
+
 def test_backbone_names_and_settings_are_checked():
     with pytest.raises(ValueError, match="did you mean convnext_atto"):
         BackboneConfig(name="convnext_ato")

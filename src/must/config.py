@@ -148,7 +148,8 @@ class TeachConfig(_Strict):
     data: DataConfig
     model: ModelConfig = ModelConfig()
     # Starting point: a must checkpoint (backbone, plus this task's head for a teacher), a
-    # torchvision/timm ResNet state dict, or None for random weights. ``must transfer``
+    # plain state dict of the backbone's body (torchvision/timm ResNet weights, or the timm
+    # model's own), or None for random weights. ``must transfer``
     # sets it from --backbone and always starts a fresh head.
     init: str | None = None
     # Probe: keep the backbone (weights and batch-norm statistics) fixed, train the head only.
@@ -211,7 +212,7 @@ class StudentConfig(_Strict):
     data: StudentDataConfig = StudentDataConfig()
     model: ModelConfig = ModelConfig()
     # Starting point: a must checkpoint (backbone and the heads of matching tasks), or a
-    # torchvision/timm ResNet state dict (backbone only). None: random weights.
+    # plain state dict of the backbone's body (as for a teacher). None: random weights.
     init: str | None = None
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()

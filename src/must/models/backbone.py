@@ -97,10 +97,10 @@ class BackboneConfig(BaseModel):
     def spec(self) -> dict[str, Any]:
         """The settings a model file records (no weights file: the weights are in the file);
         a timm model's record leaves out the ResNet-only settings."""
-        drop = {"weights"} | (set() if self.name == RESNET else set(RESNET_SETTINGS))
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in drop} | {
-            "weights": None
-        }
+        spec = self.model_dump(mode="json") | {"weights": None}
+        if self.name != RESNET:
+            spec = {k: v for k, v in spec.items() if k not in RESNET_SETTINGS}
+        return spec
 
 
 def _differs(value: Any, default: Any) -> bool:
@@ -120,9 +120,10 @@ class Backbone(nn.Module):
         if bad:
             raise ConfigError(f"model.backbone.fuse_levels: unknown levels {bad}; use {LEVELS}")
         self.config = config
-        # Body key -> the key in the library's own model (identity for the ResNet).
+        # A timm body's keys -> the whole timm model's (the ResNet's are torchvision's already),
+        # and the whole model's keys features_only drops (its classifier head).
         self._library_keys: dict[str, str] = {}
-        self._library_extra: set[str] = set()  # library keys features_only drops (heads)
+        self._library_extra: set[str] = set()
         if config.name == RESNET:
             self.body, stage_channels = _resnet_body(config)
         else:
