@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import tv_tensors
 
+from must.features import FeatureSpec
 from must.models.model import MultiTaskModel
 from must.tasks.classification import ClassificationConfig, ClassificationMetric, ClassificationTask
 from must.tasks.depth import DepthConfig, DepthMetric, DepthTask
@@ -137,7 +138,7 @@ def test_class_maps_collate_to_int64_when_a_value_or_the_ignore_index_does_not_f
     assert labels(torch.tensor([[0, 2], [256, 1]])).dtype == torch.int64
     # Loss and metric see the same class ids whichever dtype the batch carries.
     torch.manual_seed(0)
-    head = SegmentationTask(SEG_CLASSES).build_head(8, 8).eval()
+    head = SegmentationTask(SEG_CLASSES).build_head({"fused": FeatureSpec("fused", 8, 4)}).eval()
     feats = {"fused": torch.randn(2, 8, 2, 2)}
     small = {"labels": labels(seg)}
     wide = {"labels": small["labels"].long()}

@@ -46,3 +46,7 @@ def tiny_data(cache: Path | str | None = None, num: int = 20) -> list[str]:
 # Two steps at 32 px, validated and checkpointed once: enough to exercise a whole training run
 # (resume, selection, summary) in about a second.
 TINY_STEPS = ["data.image_size=32", *tiny_steps(2)]
+
+# A timm backbone of another family (timm's smallest ConvNeXt), at the same FPN width: the
+# presets' ResNet sizes are ignored for it.
+TIMM_MODEL = ["model.backbone.name=test_convnext", "model.backbone.fpn_channels=16"]

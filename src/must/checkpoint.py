@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from must.errors import ConfigError
-from must.models.backbone import BackboneConfig, load_resnet_weights
+from must.models.backbone import RESNET, BackboneConfig
 from must.models.model import MultiTaskModel
 from must.summary import RunInfo
 from must.tasks import build_task
@@ -46,12 +46,13 @@ META_PAYLOAD = "must"
 
 def model_spec(model: MultiTaskModel) -> dict[str, Any]:
     return {
-        "backbone": model.backbone.config.model_dump(mode="json") | {"weights": None},
+        "backbone": model.backbone.config.spec(),
         "tasks": {name: task.describe() for name, task in model.tasks.items()},
     }
 
 
 def build_model(spec: dict[str, Any]) -> MultiTaskModel:
+    # A file without a backbone name (written before timm backbones) holds a ResNet.
     backbone = BackboneConfig.model_validate(spec["backbone"])
     tasks = {
         name: build_task(name, t.get("classes"), t.get("config", {}))
@@ -221,12 +222,21 @@ def check_init(path: str | Path) -> tuple[Path, dict[str, Any] | None]:
 
 def initialise(model: MultiTaskModel, path: str, heads: bool = True) -> dict[str, Any]:
     """Start from a must checkpoint (backbone, and with ``heads`` the heads of tasks with the
-    same name and shapes) or from a torchvision/timm ResNet state dict (backbone body only:
-    safetensors, or ``.pt``/``.pth`` read with ``weights_only=True``)."""
+    same name and shapes) or from a plain state dict of the backbone's body (torchvision/timm
+    ResNet weights for the ResNet, the timm model's own for a timm backbone: safetensors, or
+    ``.pt``/``.pth`` read with ``weights_only=True``)."""
     file, payload = check_init(path)
     if payload is None:
-        load_resnet_weights(model.backbone.body, file)
+        model.backbone.load_weights(file)
         return {"from": str(file), "backbone": "body only", "heads": []}
+    recorded = payload["backbone"] if isinstance(payload["backbone"], dict) else {}
+    theirs_name = recorded.get("name", RESNET)
+    if theirs_name != model.backbone.config.name:
+        raise ConfigError(
+            f"init: {file}: its backbone is {theirs_name!r}, this model's is "
+            f"{model.backbone.config.name!r}; set model.backbone.name={theirs_name} (and the "
+            "same sizes) to start from it"
+        )
     theirs = read_tensors(file)
     own = model.state_dict()
     backbone = [k for k in own if k.startswith("backbone.")]

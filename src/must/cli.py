@@ -574,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--store", action="append", default=[], help="a store from must label (repeatable)"
     )
-    train.add_argument("--init", default=None, help="starting checkpoint or ResNet state dict")
+    train.add_argument("--init", default=None, help="starting checkpoint or backbone state dict")
 
     _training_verb(
         verbs,
@@ -599,8 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument(
         "--backbone",
         required=True,
-        help="a must checkpoint (directory or model.safetensors), a ResNet state dict file, "
-        "or random",
+        help="a must checkpoint (directory or model.safetensors), a state dict file of the "
+        "backbone's body (torchvision/timm ResNet, or the timm model named by "
+        "model.backbone.name), or random",
     )
     transfer.add_argument("--probe", action="store_true", help="freeze the backbone")
 

@@ -19,7 +19,7 @@ from pydantic import (
 
 from must.data.styles import deep_merge
 from must.errors import ConfigError, describe_validation_error
-from must.models.backbone import BackboneConfig
+from must.models.backbone import RESNET, BackboneConfig
 
 TaskName = Literal["classification", "detection", "segmentation", "depth", "normals"]
 
@@ -148,7 +148,8 @@ class TeachConfig(_Strict):
     data: DataConfig
     model: ModelConfig = ModelConfig()
     # Starting point: a must checkpoint (backbone, plus this task's head for a teacher), a
-    # torchvision/timm ResNet state dict, or None for random weights. ``must transfer``
+    # plain state dict of the backbone's body (torchvision/timm ResNet weights, or the timm
+    # model's own), or None for random weights. ``must transfer``
     # sets it from --backbone and always starts a fresh head.
     init: str | None = None
     # Probe: keep the backbone (weights and batch-norm statistics) fixed, train the head only.
@@ -211,7 +212,7 @@ class StudentConfig(_Strict):
     data: StudentDataConfig = StudentDataConfig()
     model: ModelConfig = ModelConfig()
     # Starting point: a must checkpoint (backbone and the heads of matching tasks), or a
-    # torchvision/timm ResNet state dict (backbone only). None: random weights.
+    # plain state dict of the backbone's body (as for a teacher). None: random weights.
     init: str | None = None
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
@@ -384,6 +385,10 @@ def same_run(recorded: Any, current: Any) -> bool:
         for section, key in EXECUTION_ONLY:
             if isinstance(cfg.get(section), dict):
                 cfg[section].pop(key, None)
+        # Runs recorded before backbones had names trained the ResNet.
+        model = cfg.get("model")
+        if isinstance(model, dict) and isinstance(model.get("backbone"), dict):
+            cfg["model"] = {**model, "backbone": {"name": RESNET, **model["backbone"]}}
         return cfg
 
     return strip(recorded) == strip(current)

@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 from must.checkpoint import SUMMARY_FILE, save_model
 from must.config import SimCLRConfig, TrainConfig, ViewsConfig, dump_yaml
 from must.data.readers import MultiTaskDataset
+from must.features import LAST_STAGE
 from must.models.backbone import Backbone
 from must.models.model import MultiTaskModel
 from must.summary import RunInfo
@@ -66,12 +67,14 @@ class SimCLRModule(L.LightningModule):
     def __init__(self, backbone: Backbone, cfg: SimCLRConfig) -> None:
         super().__init__()
         self.backbone = backbone
-        c5 = backbone.c5_channels
+        # The backbone's last stage ("c5", whatever the family), globally pooled.
+        c5 = backbone.features[LAST_STAGE].channels
         self.projection = SimCLRProjectionHead(c5, cfg.hidden_dim or c5, cfg.projection_dim)
         self.criterion = NTXentLoss(temperature=cfg.temperature)
         self.train_cfg: TrainConfig = cfg.train
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
+        # Only the body runs: SimCLR does not train the FPN, so computing it would be waste.
         c5 = self.backbone.stages(images)["c5"]
         return self.projection(c5.mean(dim=(2, 3)))
 

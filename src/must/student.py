@@ -310,13 +310,15 @@ def train_student(
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path, with_fpn: bool = False) -> Path:
-    """Write a checkpoint's ResNet (torchvision/timm key names) as safetensors."""
+    """Write a checkpoint's backbone body as safetensors under its library's key names
+    (torchvision/timm names for the ResNet, timm's for a timm model), loadable into that
+    library's model; ``with_fpn`` adds the FPN under ``fpn.``."""
     from safetensors.torch import save_file
 
     from must.checkpoint import load_model
 
     model, _ = load_model(checkpoint)
-    state = {f"{k}": v for k, v in model.backbone.body.state_dict().items()}
+    state = model.backbone.export_state()
     if with_fpn:
         state |= {f"fpn.{k}": v for k, v in model.backbone.fpn.state_dict().items()}
     out = Path(out)

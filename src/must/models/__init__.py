@@ -1,1 +1,1 @@
-"""Models: a ResNet + FPN backbone shared by one head per task."""
+"""Models: a backbone (ResNet or a timm model, with an FPN) shared by one head per task."""

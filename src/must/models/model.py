@@ -21,17 +21,15 @@ class MultiTaskModel(nn.Module):
         # No task: a backbone-only model (self-supervised pre-training writes one).
         self.backbone = backbone if isinstance(backbone, Backbone) else Backbone(backbone)
         self.tasks = dict(tasks)
+        # Heads are built from the maps the backbone publishes (names, channels, strides).
         self.heads = nn.ModuleDict(
-            {
-                name: task.build_head(self.backbone.out_channels, self.backbone.c5_channels)
-                for name, task in tasks.items()
-            }
+            {name: task.build_head(self.backbone.features) for name, task in tasks.items()}
         )
 
         self.backbone_frozen = False
 
     def freeze_backbone(self) -> None:
-        """Probe mode: the backbone (ResNet and FPN) keeps its weights and its batch-norm
+        """Probe mode: the backbone (body and FPN) keeps its weights and its batch-norm
         statistics; only the heads learn."""
         self.backbone_frozen = True
         self.backbone.requires_grad_(False)

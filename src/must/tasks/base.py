@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 from torchmetrics import Metric
 
+from must.features import FeatureSpec
+
 
 class TaskConfig(BaseModel):
     """Settings of one task's head; each task extends it with its own fields."""
@@ -105,7 +107,10 @@ class Task(ABC):
         return self.label_keys[0] in sample
 
     @abstractmethod
-    def build_head(self, in_channels: int, c5_channels: int) -> TaskHead: ...
+    def build_head(self, features: Mapping[str, FeatureSpec]) -> TaskHead:
+        """This task's head, for a backbone publishing ``features`` (name -> channels and
+        stride; see ``must.features``); a map the head needs but the backbone lacks is an
+        error naming it."""
 
     @abstractmethod
     def collate(self, samples: list[dict]) -> Any:

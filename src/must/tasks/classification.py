@@ -1,4 +1,5 @@
-"""Image classification: global average pooling over C5 + one linear layer, top-1/top-5.
+"""Image classification: global average pooling over C5 (the backbone's last stage) + one
+linear layer, top-1/top-5.
 
 Labels: a hard class id under ``"classification"`` (int64, 0-d) and/or, for pseudo labels, a
 probability vector under ``"classification_soft"`` (float, (K,)); the soft one wins when both
@@ -18,6 +19,7 @@ from pydantic import Field
 from torch import nn
 from torchmetrics import Metric
 
+from must.features import LAST_STAGE, FeatureSpec, require
 from must.tasks.base import Task, TaskConfig, TaskHead
 
 SOFT_KEY = "classification_soft"
@@ -36,7 +38,7 @@ class ClassificationHead(TaskHead):
     def forward(
         self, feats: dict[str, torch.Tensor], image_size: tuple[int, int], target: Any = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = self.fc(feats["c5"].mean(dim=(2, 3))).float()
+        logits = self.fc(feats[LAST_STAGE].mean(dim=(2, 3))).float()
         if target is None:
             return logits, {}
         present = target["present"]
@@ -95,8 +97,9 @@ class ClassificationTask(Task):
     def has_label(self, sample: dict) -> bool:
         return "classification" in sample or SOFT_KEY in sample
 
-    def build_head(self, in_channels: int, c5_channels: int) -> TaskHead:
-        return ClassificationHead(c5_channels, self.num_classes, self.config.label_smoothing)
+    def build_head(self, features: Mapping[str, FeatureSpec]) -> TaskHead:
+        c5 = require(features, LAST_STAGE, "the classification head")
+        return ClassificationHead(c5.channels, self.num_classes, self.config.label_smoothing)
 
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor] | None:
         present = [self.has_label(s) for s in samples]

@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 from torchmetrics import Metric
 
 from must.data.transforms import Depth
+from must.features import FeatureSpec
 from must.tasks.base import TaskHead, label_size
 from must.tasks.pixel import (
     PixelHead,
@@ -173,8 +174,8 @@ class DepthTask(PixelTask):
     config_type = DepthConfig
     config: DepthConfig
 
-    def build_head(self, in_channels: int, c5_channels: int) -> TaskHead:
-        return DepthHead(config=self.config, **self.head_kwargs(in_channels))
+    def build_head(self, features: Mapping[str, FeatureSpec]) -> TaskHead:
+        return DepthHead(config=self.config, **self.head_kwargs(features))
 
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor] | None:
         out = collate_dense(samples, "depth", 0.0, torch.float32, channels=1)

@@ -35,7 +35,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.transforms.v2.functional import convert_bounding_box_format
 
-from must.models.backbone import LEVELS, STRIDES
+from must.errors import ConfigError
+from must.features import LEVEL_STRIDES, LEVELS, FeatureSpec, require
 from must.tasks.base import Task, TaskConfig, TaskHead
 
 LOSS_NAMES = {
@@ -97,8 +98,11 @@ class DetectionConfig(TaskConfig):
             raise ValueError(f"aspect_ratios must be positive, got {self.aspect_ratios}")
         return self
 
-    def level_anchor_sizes(self) -> list[int]:
-        return list(self.anchor_sizes or [4 * STRIDES[lv] for lv in self.levels])
+    def level_anchor_sizes(self, strides: list[int] | None = None) -> list[int]:
+        """One anchor size per level: the configured ones, else 4 x each level's stride
+        (``strides``: the backbone's, by default those the level names stand for)."""
+        strides = strides or [LEVEL_STRIDES[lv] for lv in self.levels]
+        return list(self.anchor_sizes or [4 * s for s in strides])
 
 
 class _StrideAnchorGenerator(AnchorGenerator):
@@ -149,13 +153,27 @@ class _BoxPredictor(FastRCNNPredictor):
 class DetectionHead(TaskHead):
     """RPN + Fast R-CNN box head on the shared pyramid (see the module docstring)."""
 
-    def __init__(self, in_channels: int, num_classes: int, config: DetectionConfig) -> None:
+    def __init__(
+        self, features: Mapping[str, FeatureSpec], num_classes: int, config: DetectionConfig
+    ) -> None:
         super().__init__()
         cfg = config
         self.levels = list(cfg.levels)
+        specs = [
+            require(features, lv, "the detection head (detection.levels)") for lv in self.levels
+        ]
+        # One RPN head and one RoI pooling serve every level: the levels share a width.
+        widths = {s.channels for s in specs}
+        if len(widths) != 1:
+            raise ConfigError(
+                f"detection.levels {self.levels}: the maps differ in channels "
+                f"({[s.channels for s in specs]}); the detection head needs one width"
+            )
+        in_channels = widths.pop()
+        strides = [s.stride for s in specs]
         anchors = _StrideAnchorGenerator(
-            [STRIDES[lv] for lv in self.levels],
-            tuple((s,) for s in cfg.level_anchor_sizes()),
+            strides,
+            tuple((s,) for s in cfg.level_anchor_sizes(strides)),
             (tuple(cfg.aspect_ratios),) * len(self.levels),
         )
         # torchvision's Faster R-CNN settings, with the sampling and top-n sizes from config.
@@ -395,10 +413,10 @@ class DetectionTask(Task):
 
     @property
     def size_divisor(self) -> int:
-        return max(32, *(STRIDES[lv] for lv in self.config.levels))
+        return max(32, *(LEVEL_STRIDES[lv] for lv in self.config.levels))
 
-    def build_head(self, in_channels: int, c5_channels: int) -> TaskHead:
-        return DetectionHead(in_channels, self.num_classes, self.config)
+    def build_head(self, features: Mapping[str, FeatureSpec]) -> TaskHead:
+        return DetectionHead(features, self.num_classes, self.config)
 
     def collate(self, samples: list[dict]) -> dict[str, Any] | None:
         present = [self.has_label(s) for s in samples]

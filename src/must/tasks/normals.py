@@ -9,12 +9,14 @@ label) pixels are never learned nor scored. Predictions: unit vectors (B, 3, H, 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
+from must.features import FeatureSpec
 from must.tasks.base import TaskHead
 from must.tasks.pixel import PixelHead, PixelTask, collate_dense, target_field
 
@@ -134,8 +136,8 @@ class NormalsTask(PixelTask):
     higher_is_better = False
     needs_classes = False
 
-    def build_head(self, in_channels: int, c5_channels: int) -> TaskHead:
-        return NormalsHead(**self.head_kwargs(in_channels))
+    def build_head(self, features: Mapping[str, FeatureSpec]) -> TaskHead:
+        return NormalsHead(**self.head_kwargs(features))
 
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor] | None:
         out = collate_dense(samples, "normals", 0.0, torch.float32, channels=3)

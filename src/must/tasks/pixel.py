@@ -9,6 +9,7 @@ task's loss ignores, and a ``present`` flag.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from must.features import FeatureSpec, require
 from must.tasks.base import Task, TaskConfig, TaskHead
 
 FeatureName = Literal["fused", "p2", "p3", "p4", "p5", "p6", "p7"]
@@ -99,8 +101,10 @@ class PixelTask(Task):
     config_type = PixelTaskConfig
     config: PixelTaskConfig
 
-    def head_kwargs(self, in_channels: int) -> dict:
-        """Arguments of :class:`PixelHead` from the config; subclasses add their own."""
+    def head_kwargs(self, features: Mapping[str, FeatureSpec]) -> dict:
+        """Arguments of :class:`PixelHead` from the config and the map it reads; subclasses
+        add their own."""
+        in_channels = require(features, self.config.feature, f"the {self.name} head").channels
         return {
             "in_channels": in_channels,
             "hidden_channels": self.config.hidden_channels or in_channels,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 from torchvision import tv_tensors
 
+from must.features import FeatureSpec
 from must.tasks.base import TaskHead, label_size
 from must.tasks.pixel import (
     PixelHead,
@@ -119,11 +120,11 @@ class SegmentationTask(PixelTask):
     config_type = SegmentationConfig
     config: SegmentationConfig
 
-    def build_head(self, in_channels: int, c5_channels: int) -> TaskHead:
+    def build_head(self, features: Mapping[str, FeatureSpec]) -> TaskHead:
         return SegmentationHead(
             num_classes=self.num_classes,
             ignore_index=self.config.ignore_index,
-            **self.head_kwargs(in_channels),
+            **self.head_kwargs(features),
         )
 
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor] | None:
