@@ -33,6 +33,38 @@ LEVELS = ("p2", "p3", "p4", "p5", "p6", "p7")
 STRIDES = {"c5": 32, "p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128, "fused": 4}
 
 
+class FullPrecisionP6P7(LastLevelP6P7):
+    """torchvision's P6/P7 block (same weights and names), computed in float32 under autocast.
+
+    On CPUs, oneDNN's bf16 weight gradient of a stride-2 conv whose input is one pixel wide
+    leaves some kernel taps unwritten (seen with oneDNN 3.12, torch 2.14): they hold whatever
+    the memory held before, at random NaN, 1e34 or a plausible value. P7 reads a one-pixel-wide
+    P6 for every image up to 64 px wide, so CPU bf16 training drew a non-finite P7 gradient at
+    random steps, and gradient clipping (a NaN norm) spread it to every weight. P6 and P7 are
+    the two smallest maps: float32 there costs next to nothing, on any device.
+    """
+
+    def forward(
+        self, p: list[torch.Tensor], c: list[torch.Tensor], names: list[str]
+    ) -> tuple[list[torch.Tensor], list[str]]:
+        x = p[-1] if self.use_P5 else c[-1]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            p6 = self.p6(x.float())
+            p7 = self.p7(F.relu(p6))
+        # Back to the pyramid's dtype, so that every level has one dtype under autocast.
+        return [*p, p6.to(x.dtype), p7.to(x.dtype)], [*names, "p6", "p7"]
+
+
+def _run_stage(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ResNet stage, in float32 when CPU autocast is on and ``x`` is one pixel wide (the
+    stage's stride-2 conv would meet the oneDNN bug of :class:`FullPrecisionP6P7`; only
+    images at most 16 px wide get there)."""
+    if x.shape[-1] == 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast(device_type="cpu", enabled=False):
+            return stage(x.float()).to(x.dtype)
+    return stage(x)
+
+
 class BackboneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -70,7 +102,7 @@ class Backbone(nn.Module):
         self.fpn = FeaturePyramidNetwork(
             stage_channels,
             config.fpn_channels,
-            extra_blocks=LastLevelP6P7(config.fpn_channels, config.fpn_channels),
+            extra_blocks=FullPrecisionP6P7(config.fpn_channels, config.fpn_channels),
         )
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
@@ -88,7 +120,7 @@ class Backbone(nn.Module):
         x = b.maxpool(b.act1(b.bn1(b.conv1(x))))
         stages = OrderedDict()
         for i, layer in enumerate((b.layer1, b.layer2, b.layer3, b.layer4), start=2):
-            x = layer(x)
+            x = _run_stage(layer, x)
             stages[f"c{i}"] = x
         return stages
 
