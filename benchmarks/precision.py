@@ -106,6 +106,7 @@ class Trainer:
 
     def __init__(self, model: MultiTaskModel, preset: Preset, bf16: bool) -> None:
         self.model, self.bf16, self.clip = model, bf16, preset.train_cfg.grad_clip
+        self.grad_norm = 0.0  # the last step's gradient norm (before clipping), if checked
         self.opt = optimizer_and_schedule(model.parameters(), preset.train_cfg)["optimizer"]
 
     def step(self, batch: Batch, check_grads: bool = False) -> tuple[dict[str, float], str | None]:
@@ -125,6 +126,11 @@ class Trainer:
                     if p.grad is not None and not bool(torch.isfinite(p.grad).all())
                 ),
                 None,
+            )
+            self.grad_norm = float(
+                torch.nn.utils.get_total_norm(
+                    [p.grad for p in self.model.parameters() if p.grad is not None]
+                )
             )
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
@@ -184,21 +190,34 @@ def compare(preset: Preset, pairs: int, steps: int, warmup: int, seed: int) -> d
 
 
 def check(preset: Preset, steps: int, seed: int) -> dict:
-    """K bf16 training steps on new batches; the first non-finite loss or gradient."""
+    """K bf16 training steps on new batches; the first non-finite loss or gradient, and the
+    largest gradient norm (a wrong but finite gradient shows as an absurd norm)."""
     trainer = Trainer(preset.model(seed), preset, bf16=True)
     torch.manual_seed(seed)  # the augmentation's draws
-    done, first = 0, None
+    done, first, norms = 0, None, []
     while done < steps and first is None:
         for batch in preset.loader(seed + done):
             losses, bad_grad = trainer.step(batch, check_grads=True)
             if bad_grad is not None or not all_finite(losses):
                 first = {"step": done, "losses": losses, "first_nonfinite_grad": bad_grad}
                 break
+            norms.append(trainer.grad_norm)
             done += 1
             if done == steps:
                 break
-    result = {"steps": steps, "steps_run": done, "images": len(preset.dataset), "nonfinite": first}
-    print(f"{preset.name}: {steps} bf16 steps: " + (f"non-finite: {first}" if first else "finite"))
+    result = {
+        "steps": steps,
+        "steps_run": done,
+        "images": len(preset.dataset),
+        "nonfinite": first,
+        "max_grad_norm": max(norms, default=None),
+        "max_grad_norm_step": norms.index(max(norms)) if norms else None,
+    }
+    print(
+        f"{preset.name}: {done} bf16 steps finite"
+        + (f", then non-finite: {first}" if first else "")
+        + f"; largest gradient norm {result['max_grad_norm']} (step {result['max_grad_norm_step']})"
+    )
     return result
 
 
@@ -262,8 +281,9 @@ def write(results: dict, args: argparse.Namespace, out: Path) -> None:
             "batch of rendered images each step; a step's gradients are checked before "
             "clipping, its losses after the forward pass.",
             "",
-            "| preset | rendered images | steps run | first non-finite |",
-            "|---|---:|---:|---|",
+            "| preset | rendered images | finite steps | first non-finite | largest gradient "
+            "norm (step) |",
+            "|---|---:|---:|---|---:|",
         ]
         for preset, r in results["presets"].items():
             bad = r["nonfinite"]
@@ -273,7 +293,9 @@ def write(results: dict, args: argparse.Namespace, out: Path) -> None:
                 else f"step {bad['step']}: gradient {bad['first_nonfinite_grad']}, "
                 f"losses {bad['losses']}"
             )
-            lines.append(f"| {preset} | {r['images']} | {r['steps_run']} | {what} |")
+            norm = r["max_grad_norm"]
+            norm_text = "n/a" if norm is None else f"{norm:.3g} ({r['max_grad_norm_step']})"
+            lines.append(f"| {preset} | {r['images']} | {r['steps_run']} | {what} | {norm_text} |")
     else:
         lines += [
             f"Training step (forward, backward, gradient clipping, optimizer step) at each "
