@@ -123,7 +123,7 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, ge=1, description="save last.ckpt every N steps")
     grad_clip: float | None = 10.0
     # auto: bf16 mixed precision on a GPU that supports it (else fp16), fp32 on a CPU
-    # (bf16-mixed on a CPU is faster but opt-in: see docs/training.md).
+    # (bf16-mixed on a CPU is opt-in: see docs/training.md, "Mixed precision").
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     accelerator: str = "auto"
     devices: int | str = "auto"

@@ -44,6 +44,38 @@ RESNET_SETTINGS = ("depth", "widths", "stem_width")
 REDUCTIONS = (4, 8, 16, 32)
 
 
+class FullPrecisionP6P7(LastLevelP6P7):
+    """torchvision's P6/P7 block (same weights and names), computed in float32 under autocast.
+
+    On CPUs, oneDNN's bf16 weight gradient of a stride-2 conv whose input is one pixel wide
+    leaves some kernel taps unwritten (seen with oneDNN 3.12, torch 2.14): they hold whatever
+    the memory held before, at random NaN, 1e34 or a plausible value. P7 reads a one-pixel-wide
+    P6 for every image up to 64 px wide, so CPU bf16 training drew a non-finite P7 gradient at
+    random steps, and gradient clipping (a NaN norm) spread it to every weight. P6 and P7 are
+    the two smallest maps: float32 there costs next to nothing, on any device.
+    """
+
+    def forward(
+        self, p: list[torch.Tensor], c: list[torch.Tensor], names: list[str]
+    ) -> tuple[list[torch.Tensor], list[str]]:
+        x = p[-1] if self.use_P5 else c[-1]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            p6 = self.p6(x.float())
+            p7 = self.p7(F.relu(p6))
+        # Back to the pyramid's dtype, so that every level has one dtype under autocast.
+        return [*p, p6.to(x.dtype), p7.to(x.dtype)], [*names, "p6", "p7"]
+
+
+def _run_stage(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ResNet stage, in float32 when CPU autocast is on and ``x`` is one pixel wide (the
+    stage's stride-2 conv would meet the oneDNN bug of :class:`FullPrecisionP6P7`; only
+    images at most 16 px wide get there)."""
+    if x.shape[-1] == 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast(device_type="cpu", enabled=False):
+            return stage(x.float()).to(x.dtype)
+    return stage(x)
+
+
 class BackboneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -133,7 +165,9 @@ class Backbone(nn.Module):
         # Some timm models (Swin, ...) give channels-last maps.
         self._channels_last = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
         fpn = config.fpn_channels
-        self.fpn = FeaturePyramidNetwork(stage_channels, fpn, extra_blocks=LastLevelP6P7(fpn, fpn))
+        self.fpn = FeaturePyramidNetwork(
+            stage_channels, fpn, extra_blocks=FullPrecisionP6P7(fpn, fpn)
+        )
         self.features: dict[str, FeatureSpec] = {
             LAST_STAGE: FeatureSpec(LAST_STAGE, stage_channels[-1], REDUCTIONS[-1]),
             **{lv: FeatureSpec(lv, fpn, LEVEL_STRIDES[lv]) for lv in LEVELS},
@@ -179,7 +213,7 @@ class Backbone(nn.Module):
             x = b.maxpool(b.act1(b.bn1(b.conv1(x))))
             maps = []
             for layer in (b.layer1, b.layer2, b.layer3, b.layer4):
-                x = layer(x)
+                x = _run_stage(layer, x)
                 maps.append(x)
         else:
             maps = list(self.body(x))

@@ -61,6 +61,14 @@ def _to(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
+def full_precision(x: torch.Tensor) -> torch.autocast:
+    """Autocast off on ``x``'s device, for the numerically sensitive end of a head (output
+    layer, resize to the image, loss): inside, ops run in the dtype they are given, so cast
+    inputs with ``.float()``. bf16 keeps 8 significant bits and fp16 overflows at 65504;
+    this holds under CPU and GPU autocast alike."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 class TaskHead(nn.Module):
     """A head: shared features in, (predictions, named loss terms) out.
 

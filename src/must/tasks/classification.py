@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from must.features import LAST_STAGE, FeatureSpec, require
-from must.tasks.base import Task, TaskConfig, TaskHead
+from must.tasks.base import Task, TaskConfig, TaskHead, full_precision
 
 SOFT_KEY = "classification_soft"
 
@@ -38,17 +38,23 @@ class ClassificationHead(TaskHead):
     def forward(
         self, feats: dict[str, torch.Tensor], image_size: tuple[int, int], target: Any = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = self.fc(feats[LAST_STAGE].mean(dim=(2, 3))).float()
-        if target is None:
-            return logits, {}
-        present = target["present"]
-        if not bool(present.any()):
-            return logits, {"ce": self.zero_loss()}
-        # Cross-entropy against probability targets (one-hot or soft), images with a label only.
-        ce = F.cross_entropy(
-            logits[present], target["probs"][present], label_smoothing=self.label_smoothing
-        )
-        return logits, {"ce": ce}
+        pooled = feats[LAST_STAGE].mean(dim=(2, 3))
+        # The linear layer and the loss in float32 under autocast: bf16 logits keep 8 bits,
+        # and soft targets' small probabilities live in the loss's log-softmax.
+        with full_precision(pooled):
+            logits = self.fc(pooled.float())
+            if target is None:
+                return logits, {}
+            present = target["present"]
+            if not bool(present.any()):
+                return logits, {"ce": self.zero_loss()}
+            # Cross-entropy against probability targets (one-hot or soft), labelled images only.
+            ce = F.cross_entropy(
+                logits[present],
+                target["probs"][present].float(),
+                label_smoothing=self.label_smoothing,
+            )
+            return logits, {"ce": ce}
 
 
 class ClassificationMetric(Metric):

@@ -25,7 +25,7 @@ from torchmetrics import Metric
 
 from must.data.transforms import Depth
 from must.features import FeatureSpec
-from must.tasks.base import TaskHead, label_size
+from must.tasks.base import TaskHead, full_precision, label_size
 from must.tasks.pixel import (
     PixelHead,
     PixelTask,
@@ -64,12 +64,19 @@ class DepthHead(PixelHead):
         self, feats: dict[str, torch.Tensor], image_size: tuple[int, int], target: Any = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z = self.raw(feats, image_size)
+        # exp and the losses in float32: bf16 would round depth and log-depth to 8 bits.
+        with full_precision(z):
+            return self._depth_and_loss(z, target)
+
+    def _depth_and_loss(
+        self, z: torch.Tensor, target: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # Straight-through clamp: clamped value, identity gradient.
         log_depth = z + (z.clamp(self.log_min, self.log_max) - z).detach()
         depth = log_depth.exp()
         if target is None:
             return depth, {}
-        gt = target["depth"]
+        gt = target["depth"].float()
         valid = (gt > 0) & torch.isfinite(gt)
         # Invalid labels become 1 m (log 0, finite): a NaN there would reach the gradient
         # through where(); every use below masks them out anyway.

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 from must.features import FeatureSpec
-from must.tasks.base import TaskHead
+from must.tasks.base import TaskHead, full_precision
 from must.tasks.pixel import PixelHead, PixelTask, collate_dense, target_field
 
 VALID_NORM = 0.5  # labels are unit vectors or zero; anything in between is resampling blur
@@ -38,19 +38,22 @@ class NormalsHead(PixelHead):
     def forward(
         self, feats: dict[str, torch.Tensor], image_size: tuple[int, int], target: Any = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        # Normalise after resizing: interpolating unit vectors shortens them.
-        normals = F.normalize(self.raw(feats, image_size), dim=1)
-        if target is None:
-            return normals, {}
-        gt = target["normals"]
-        valid = valid_normals(gt)
-        # Zero the invalid labels first: a NaN there would reach the gradient through where().
-        gt = torch.where(valid[:, None], gt, torch.zeros_like(gt))
-        cos = (normals * F.normalize(gt, dim=1)).sum(1)
-        # Mean over the valid pixels of the batch; an exact zero (still connected to the head)
-        # when there are none.
-        loss = torch.where(valid, 1.0 - cos, torch.zeros_like(cos)).sum() / valid.sum().clamp(min=1)
-        return normals, {"cosine": loss}
+        raw = self.raw(feats, image_size)
+        # Normalisation and angle in float32: a cosine near 1 in bf16 has 8 bits to spare.
+        with full_precision(raw):
+            # Normalise after resizing: interpolating unit vectors shortens them.
+            normals = F.normalize(raw, dim=1)
+            if target is None:
+                return normals, {}
+            gt = target["normals"].float()
+            valid = valid_normals(gt)
+            # Zero the invalid labels first: a NaN would reach the gradient through where().
+            gt = torch.where(valid[:, None], gt, torch.zeros_like(gt))
+            cos = (normals * F.normalize(gt, dim=1)).sum(1)
+            # Mean over the valid pixels of the batch; an exact zero (still connected to the
+            # head) when there are none.
+            loss = torch.where(valid, 1.0 - cos, torch.zeros_like(cos)).sum()
+            return normals, {"cosine": loss / valid.sum().clamp(min=1)}
 
 
 def angles_deg(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 Each pixel task builds its own head (heads are never shared between tasks, as in MuST): a few
 hidden 3x3 convs (conv + BatchNorm + ReLU) and one linear 1x1 conv on one feature map of the
 backbone ("fused" P2 by default), whose raw output is resized bilinearly to the image size.
+Under autocast the hidden convs run in low precision; the output conv, the resize and the
+losses run in float32 (:func:`must.tasks.base.full_precision`).
 Dense labels are collated by one helper: images without the label get a fill value that the
 task's loss ignores, and a ``present`` flag.
 """
@@ -18,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from must.features import FeatureSpec, require
-from must.tasks.base import Task, TaskConfig, TaskHead
+from must.tasks.base import Task, TaskConfig, TaskHead, full_precision
 
 FeatureName = Literal["fused", "p2", "p3", "p4", "p5", "p6", "p7"]
 
@@ -77,7 +79,9 @@ def resize_nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 class PixelHead(TaskHead):
     """Base of the pixel heads: :meth:`raw` gives the tower's output at the image size, in
-    float32 (losses and activations stay in full precision under autocast)."""
+    float32. Under autocast only the hidden convs run in low precision: the output conv and
+    the resize run in float32 (a bf16 output would round log-depth or a logit to 8 bits),
+    and so must the subclasses' activations and losses (``with full_precision(...)``)."""
 
     def __init__(
         self,
@@ -92,7 +96,9 @@ class PixelHead(TaskHead):
         self.tower = build_pixel_tower(in_channels, out_channels, hidden_channels, hidden_convs)
 
     def raw(self, feats: dict[str, torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
-        return resize_to(self.tower(feats[self.feature]), image_size).float()
+        x = self.tower[:-1](feats[self.feature])
+        with full_precision(x):
+            return resize_to(self.tower[-1](x.float()), image_size)
 
 
 class PixelTask(Task):

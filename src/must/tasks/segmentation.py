@@ -19,7 +19,7 @@ from torchmetrics import Metric
 from torchvision import tv_tensors
 
 from must.features import FeatureSpec
-from must.tasks.base import TaskHead, label_size
+from must.tasks.base import TaskHead, full_precision, label_size
 from must.tasks.pixel import (
     PixelHead,
     PixelTask,
@@ -53,8 +53,12 @@ class SegmentationHead(PixelHead):
         valid = (labels != self.ignore_index).sum()
         # Sum over valid pixels / their count rather than reduction="mean": the mean is NaN
         # when no pixel is valid, while this is an exact zero still connected to the head.
-        ce = F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="sum")
-        return logits, {"ce": ce / valid.clamp(min=1)}
+        # log-softmax in float32.
+        with full_precision(logits):
+            ce = F.cross_entropy(
+                logits.float(), labels, ignore_index=self.ignore_index, reduction="sum"
+            )
+            return logits, {"ce": ce / valid.clamp(min=1)}
 
 
 class SegmentationMetric(Metric):

@@ -226,8 +226,9 @@ def train_seconds(trainer: L.Trainer) -> float:
 def resolve_precision(cfg: TrainConfig) -> str:
     """``auto``: bf16 (or fp16) mixed precision on a GPU, fp32 on a CPU.
 
-    CPU bf16 autocast is twice as fast on CPUs with AVX-512 BF16/AMX, but it gave sporadic
-    NaN losses in the pixel heads here (not reproducible run to run), so it stays opt-in."""
+    CPU bf16 autocast stays opt-in. Its sporadic NaN losses in the pixel tasks came from a
+    oneDNN bf16 conv gradient bug, now worked around (docs/training.md, "Mixed precision");
+    whether it is faster is for ``benchmarks/precision.py`` to say, step by whole step."""
     if cfg.precision != "auto":
         return cfg.precision
     if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda"):
