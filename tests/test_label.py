@@ -246,6 +246,25 @@ def test_store_dataset_gives_back_the_stored_labels_as_training_samples(referenc
     assert torch.allclose(batch.targets["classification"]["probs"].sum(1), torch.ones(2), atol=5e-3)
 
 
+def test_store_labels_come_out_as_the_training_model_s_heads_expect(reference):
+    # A student whose segmentation head ignores 250 gets 250 where the store says "ignored"
+    # (255 there), never 255 as a class id; its loss then ignores exactly those pixels.
+    heads = {"segmentation": {"ignore_index": 250}}
+    default, configured = StoreDataset(reference), StoreDataset(reference, heads=heads)
+    stored = PseudoLabelStore(reference)
+    seen_ignored = 0
+    for i in range(len(default)):
+        a, b = default[i]["segmentation"], configured[i]["segmentation"]
+        ignored = torch.from_numpy(stored.get(default.keys[i]).labels["segmentation"]["seg_map"])
+        ignored = ignored.long() == 255
+        assert torch.equal(a[ignored], torch.full_like(a[ignored], 255))
+        assert torch.equal(b[ignored], torch.full_like(b[ignored], 250))
+        assert torch.equal(a[~ignored], b[~ignored])
+        seen_ignored += int(ignored.sum())
+    assert seen_ignored > 0
+    assert configured.tasks["segmentation"].config.ignore_index == 250
+
+
 def test_temperature_flattens_the_soft_labels(root, pool, reference):
     cls = make_teacher(root / "cls", ["classification"], seed=0)
     cold = run([cls], pool, root / "t1")

@@ -46,7 +46,7 @@ from must.train.weighting import (
 
 def open_stores(cfg: StudentConfig) -> list[StoreDataset]:
     transform = augmentation(cfg.data.augment, cfg.data.image_size, train=True)
-    stores = [StoreDataset(path, transform) for path in cfg.data.stores]
+    stores = [StoreDataset(path, transform, heads=cfg.model.heads) for path in cfg.data.stores]
     for store in stores:
         # Every shard is checked against its checksum here, once, so that a damaged store is
         # refused before training (loader workers inherit the result and never re-hash).

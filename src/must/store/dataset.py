@@ -82,9 +82,15 @@ def read_image_locations(store_root: str | Path) -> dict[str, Any]:
     return content
 
 
-def store_tasks(store: PseudoLabelStore) -> dict[str, Task]:
-    """The task object of each of the store's tasks (by kind, with the store's classes)."""
-    return {name: build_task(store.kind(name), store.classes(name)) for name in store.tasks}
+def store_tasks(store: PseudoLabelStore, heads: Mapping[str, Any] | None = None) -> dict[str, Task]:
+    """The task object of each of the store's tasks (by kind, with the store's classes and,
+    given ``heads``, the head settings of the model that trains on it: the values a task writes
+    into samples, such as segmentation's ignore value, come from them)."""
+    heads = heads or {}
+    return {
+        name: build_task(store.kind(name), store.classes(name), heads.get(name))
+        for name in store.tasks
+    }
 
 
 class StoreDataset(Dataset):
@@ -92,7 +98,9 @@ class StoreDataset(Dataset):
     locations, or under ``image_root`` when the images have moved) and every label its record
     holds, converted by the task objects (``Task.from_store``), plus ``label_origin`` (task ->
     ``"pseudo"`` or ``"real"``). ``transform`` is applied to the dict, as in
-    :class:`~must.data.readers.MultiTaskDataset`. Skipped images are not in it.
+    :class:`~must.data.readers.MultiTaskDataset`. Skipped images are not in it. ``heads``: the
+    training model's head settings per task (``model.heads``), so that labels come out as
+    its heads expect them (e.g. a segmentation ``ignore_index`` other than 255).
     """
 
     def __init__(
@@ -102,6 +110,7 @@ class StoreDataset(Dataset):
         *,
         image_root: str | Path | None = None,
         allow_incomplete: bool = False,
+        heads: Mapping[str, Any] | None = None,
     ) -> None:
         self.root = Path(store_root)
         self.store = PseudoLabelStore(self.root, allow_incomplete=allow_incomplete)
@@ -115,7 +124,7 @@ class StoreDataset(Dataset):
                 f"{len(missing)} keys have no image path, e.g. {missing[0]!r}",
             )
         self.keys = list(self.store.keys)
-        self.tasks = store_tasks(self.store)
+        self.tasks = store_tasks(self.store, heads)
         self.classes = {n: t.classes for n, t in self.tasks.items() if t.classes}
         self.transform = transform
 
