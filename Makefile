@@ -40,6 +40,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/data_throughput.py --out benchmarks/results
 	$(BIN)/python benchmarks/teachers.py --out benchmarks/results
 	$(BIN)/python benchmarks/labeling.py --out benchmarks/results
+	$(BIN)/python benchmarks/overhead.py --out benchmarks/results --worker-pairs 1
+	$(BIN)/python benchmarks/precision.py --out benchmarks/results
+	$(BIN)/python benchmarks/scaling.py --out benchmarks/results
 
 clean-venv:
 	rm -rf $(VENV)
