@@ -226,9 +226,10 @@ def train_seconds(trainer: L.Trainer) -> float:
 def resolve_precision(cfg: TrainConfig) -> str:
     """``auto``: bf16 (or fp16) mixed precision on a GPU, fp32 on a CPU.
 
-    CPU bf16 autocast stays opt-in. Its sporadic NaN losses in the pixel tasks came from a
-    oneDNN bf16 conv gradient bug, now worked around (docs/training.md, "Mixed precision");
-    whether it is faster is for ``benchmarks/precision.py`` to say, step by whole step."""
+    CPU bf16 autocast stays opt-in because it is slower: a whole training step ran at 0.59-0.70x
+    the fp32 rate on every CPU preset on a CPU without native bf16 (benchmarks/results/
+    precision.md). Its old sporadic NaN losses came from a oneDNN bf16 conv gradient bug, now
+    worked around (docs/training.md, "Mixed precision")."""
     if cfg.precision != "auto":
         return cfg.precision
     if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda"):
