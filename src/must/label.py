@@ -53,7 +53,7 @@ from must.store.dataset import image_locations, write_image_locations
 from must.store.shards import HEADER_FILE, KEYS_FILE, sidecar_name
 from must.summary import run_info
 from must.tasks.base import Task, label_size
-from must.train.data import pad_samples, worker_context
+from must.train.data import one_compute_thread, pad_samples, worker_context
 
 DEFAULT_BATCH_SIZE = 64
 # Beside a teacher's predictions: the (height, width) its padded keep-aspect batch had.
@@ -493,10 +493,8 @@ class _ShardSink:
     def _run(self) -> None:
         # The conversions are small per-image tensor ops: run them on this thread alone, so
         # they do not start a second team of compute threads that competes for the cores
-        # with the teachers' forward passes (the thread count is per thread once set).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        # with the teachers' forward passes.
+        with one_compute_thread():
             while True:
                 job = self._queue.get()
                 if job is None:
@@ -508,8 +506,6 @@ class _ShardSink:
                         self._handle(*job)
                 except BaseException as err:
                     self.error = err
-        finally:
-            torch.set_num_threads(threads)  # the default of threads started later
 
     def _handle(self, items: list[dict[str, Any]], predictions: dict[int, dict[str, Any]]) -> None:
         row = 0

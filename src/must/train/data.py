@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -251,6 +253,18 @@ def worker_context(
     return context
 
 
+@contextmanager
+def one_compute_thread() -> Iterator[None]:
+    """Torch ops inside run on one compute thread; the count is restored on leaving (it is
+    per thread once set, and the default of threads started later)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class OneThread(Dataset):
     """Samples prepared in the training process (no loader workers) with one compute thread,
     as a worker prepares them: per-image ops on small images (a 64 px crop, a colour jitter)
@@ -264,12 +278,8 @@ class OneThread(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_compute_thread():
             return self.dataset[index]
-        finally:
-            torch.set_num_threads(threads)
 
     def __getattr__(self, name: str) -> Any:  # the wrapped dataset's attributes
         if name == "dataset":
