@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import spread, step_gflop, train_step
 from must.config import TeachConfig, load_config
 from must.models.model import MultiTaskModel
 from must.tasks import build_task
@@ -75,24 +76,6 @@ def training_step_setup(work: Path, student: bool, head: list[str], batch: int):
     return model, data, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
-def train_step(model: MultiTaskModel, data, opt) -> None:
-    _, losses = model(data.images, data.targets)
-    total = sum(v for terms in losses.values() for v in terms.values())
-    opt.zero_grad(set_to_none=True)
-    total.backward()
-    opt.step()
-
-
-def step_gflop(model: MultiTaskModel, data) -> float:
-    """FLOPs of one training step (forward + backward)."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        _, losses = model(data.images, data.targets)
-        sum(v for terms in losses.values() for v in terms.values()).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 1e9
-
-
 def step_costs(work: Path, rounds: int, steps: int) -> dict:
     """GFLOP and ms per training step of each variant, for the teacher's batch (16) and the
     student's (four tasks, 32), timed round-robin (``rounds`` x ``steps`` steps each)."""
@@ -117,7 +100,7 @@ def step_costs(work: Path, rounds: int, steps: int) -> dict:
     for (name, who), t in times.items():
         out.setdefault(name, {})[who] = {
             "gflop": gflop[name, who],
-            "ms_per_step": {"median": statistics.median(t), "min": min(t), "max": max(t)},
+            "ms_per_step": spread(t),
         }
     return out
 

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import spread
 
 PRESETS = [
     "teach_classification_cpu",
@@ -148,10 +150,6 @@ def bare_loop(preset: str, opts: list[str]) -> dict:
             torch.save(state, Path(tmp) / name)
     seconds = time.perf_counter() - start
     return {"images_per_s": step * tc.batch_size / seconds, "train_seconds": seconds}
-
-
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main() -> None:

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import spread, step_gflop, train_step
 from labeling import make_teachers, preset
 from must.data.readers import MultiTaskDataset
 from must.data.render import render_dataset
@@ -63,7 +63,7 @@ def labelling_curve(root: Path, counts: list[int], rounds: int, workers: int) ->
             seconds[n].append(result.seconds)
             print(f"label {n} images: {result.seconds:.2f} s")
     return [
-        {"images": n, "seconds": _spread(s), "ms_per_image": 1000 * statistics.median(s) / n}
+        {"images": n, "seconds": spread(s), "ms_per_image": 1000 * statistics.median(s) / n}
         for n, s in seconds.items()
     ]
 
@@ -83,38 +83,22 @@ def student_batch(root: Path, tasks: tuple[str, ...], size: int, batch: int):
     return model, Collator(objs)(samples)
 
 
-def step_flops(model: MultiTaskModel, batch) -> float:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        _, losses = model(batch.images, batch.targets)
-        sum(v for terms in losses.values() for v in terms.values()).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 1e9
-
-
 def step_curve(root: Path, points: list[tuple[tuple[str, ...], int]], batch: int, steps: int,
                rounds: int) -> list[dict]:  # fmt: skip
     setups = []
     for tasks, size in points:
         model, data = student_batch(root, tasks, size, batch)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        setups.append((tasks, size, model, data, opt, step_flops(model, data)))
-
-    def step(model, data, opt) -> None:
-        _, losses = model(data.images, data.targets)
-        total = sum(v for terms in losses.values() for v in terms.values())
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+        setups.append((tasks, size, model, data, opt, step_gflop(model, data)))
 
     for _, _, model, data, opt, _ in setups:
-        step(model, data, opt)  # warm-up: kernel selection, allocations
+        train_step(model, data, opt)  # warm-up: kernel selection, allocations
     times: list[list[float]] = [[] for _ in setups]
     for _ in range(rounds):
         for i, (tasks, size, model, data, opt, _) in enumerate(setups):
             start = time.perf_counter()
             for _ in range(steps):
-                step(model, data, opt)
+                train_step(model, data, opt)
             times[i].append((time.perf_counter() - start) / steps)
             print(f"{'+'.join(tasks)} at {size} px: {times[i][-1] * 1000:.0f} ms/step")
     rows = []
@@ -124,17 +108,13 @@ def step_curve(root: Path, points: list[tuple[tuple[str, ...], int]], batch: int
             {
                 "tasks": list(tasks),
                 "image_size": size,
-                "ms_per_step": _spread([1000 * x for x in t]),
+                "ms_per_step": spread([1000 * x for x in t]),
                 "gflop_per_step": gflop,
                 "ms_per_gflop": 1000 * median / gflop,
                 "gflop_per_s": gflop / median,
             }
         )
     return rows
-
-
-def _spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main() -> None:
