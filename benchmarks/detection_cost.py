@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import spread, step_gflop, train_step
 from must.config import TeachConfig, load_config
 from must.models.model import MultiTaskModel
+from must.stages.teach import teach
 from must.tasks import build_task
-from must.teach import teach
-from must.train.data import Collator, augmentation
+from must.training.data import Collator, augmentation
 
 # The head before this benchmark, and the head sized to 64 px images: half the sampled
 # regions and half the box-head convolutions (the 1024 regions x 4 convs of a student step

@@ -38,11 +38,11 @@ from must.config import TeachConfig, load_config
 from must.data.readers import MultiTaskDataset, read_image
 from must.data.render import render_dataset
 from must.data.transforms import build_transforms
-from must.label import label_images
 from must.models.model import MultiTaskModel
+from must.stages.label import label_images
 from must.store import PseudoLabelStore, StoreDataset
 from must.tasks import build_task
-from must.train.data import Collator
+from must.training.data import Collator
 
 TASKS = ("classification", "detection", "segmentation", "depth")
 

@@ -91,9 +91,9 @@ def bare_loop(preset: str, opts: list[str]) -> dict:
     Model, data and optimizer come from the same settings; the loop is plain PyTorch."""
     from must.config import TeachConfig, load_config
     from must.tasks import build_task
-    from must.train.data import make_dataset, make_loader, prepare_dataset, resolve_workers
-    from must.train.fit import resolve_precision
-    from must.train.module import optimizer_and_schedule
+    from must.training.data import make_dataset, make_loader, prepare_dataset, resolve_workers
+    from must.training.fit import resolve_precision
+    from must.training.module import optimizer_and_schedule
 
     cfg = load_config(TeachConfig, preset, opts)
     tc = cfg.train

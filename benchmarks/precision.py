@@ -42,8 +42,8 @@ from must.data.transforms import build_transforms
 from must.models.model import MultiTaskModel
 from must.tasks import build_task
 from must.tasks.base import Batch
-from must.train.data import Collator
-from must.train.module import optimizer_and_schedule
+from must.training.data import Collator
+from must.training.module import optimizer_and_schedule
 
 PRESETS = (
     "teach_classification_cpu",

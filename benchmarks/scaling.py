@@ -35,10 +35,10 @@ from common import spread, step_gflop, train_step
 from labeling import make_teachers, preset
 from must.data.readers import MultiTaskDataset
 from must.data.render import render_dataset
-from must.label import label_images
 from must.models.model import MultiTaskModel
+from must.stages.label import label_images
 from must.tasks import build_task
-from must.train.data import Collator, augmentation
+from must.training.data import Collator, augmentation
 
 TASK_ORDER = ("classification", "detection", "segmentation", "depth")
 

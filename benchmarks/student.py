@@ -20,9 +20,9 @@ from pathlib import Path
 
 from must.checkpoint import load_model
 from must.config import StudentConfig, load_config
-from must.evaluate import evaluate
-from must.label import label_images
-from must.student import train_student
+from must.stages.evaluate import evaluate
+from must.stages.label import label_images
+from must.stages.train import train_student
 
 TASKS = {
     "classification": "top1",

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 from must.config import StudentConfig, load_config
-from must.evaluate import evaluate
-from must.student import train_student
+from must.stages.evaluate import evaluate
+from must.stages.train import train_student
 
 SETTINGS = {
     "depth1": ["loss.hand.depth=1"],  # the preset: MuST's rule, depth weight 1

@@ -20,9 +20,9 @@ import torch
 
 from must.config import TeachConfig, load_config
 from must.data.readers import MultiTaskDataset
+from must.stages.teach import teach
 from must.tasks import build_task
-from must.teach import teach
-from must.train.data import make_dataset, prepare_dataset
+from must.training.data import make_dataset, prepare_dataset
 
 PRESETS = {
     "classification": ("teach_classification_cpu", "top1"),

@@ -19,13 +19,13 @@ from must.cli import main
 from must.config import SimCLRConfig, StudentConfig, TeachConfig, load_config, same_run
 from must.errors import ConfigError
 from must.features import FeatureSpec
-from must.label import label_images
 from must.models.backbone import Backbone, BackboneConfig
 from must.models.model import MultiTaskModel
-from must.pretrain import pretrain_simclr
-from must.student import train_student
+from must.stages.label import label_images
+from must.stages.pretrain import pretrain_simclr
+from must.stages.teach import teach
+from must.stages.train import train_student
 from must.tasks import build_task
-from must.teach import teach
 from tiny import TIMM_MODEL, TINY_STEPS
 
 TINY_RESNET = BackboneConfig(depth=10, widths=(8, 16, 32, 64), stem_width=8, fpn_channels=16)

@@ -20,11 +20,11 @@ from must.cli import main
 from must.config import DataConfig, TeachConfig, load_config
 from must.data.readers import MultiTaskDataset, read_image
 from must.errors import ConfigError, DataError
-from must.evaluate import NothingToMeasure, evaluate
 from must.models.model import MultiTaskModel
+from must.stages.evaluate import NothingToMeasure, evaluate
+from must.stages.teach import teach
 from must.tasks import build_task
-from must.teach import teach
-from must.train.data import make_dataset, make_loader, prepare_dataset
+from must.training.data import make_dataset, make_loader, prepare_dataset
 from tiny import TINY_MODEL, TINY_STEPS, tiny_backbone
 
 H, W = 32, 32

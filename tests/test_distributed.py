@@ -13,9 +13,9 @@ import pytest
 import must.checkpoint as checkpoint
 from must.checkpoint import load_model, save_model
 from must.data.readers import MultiTaskDataset
-from must.evaluate import evaluate
-from must.label import label_images
 from must.models.model import MultiTaskModel
+from must.stages.evaluate import evaluate
+from must.stages.label import label_images
 from must.tasks import build_task
 from tiny import TINY_MODEL, tiny_backbone, tiny_data, tiny_steps
 

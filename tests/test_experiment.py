@@ -10,8 +10,14 @@ import yaml
 
 from must.cli import main
 from must.errors import ConfigError
-from must.experiment import StageFailed, load_experiment, run_experiment
-from must.report import collect, normalised_scores, student_table, transfer_table, write_report
+from must.stages.experiment import StageFailed, load_experiment, run_experiment
+from must.stages.report import (
+    collect,
+    normalised_scores,
+    student_table,
+    transfer_table,
+    write_report,
+)
 from tiny import TINY_BACKBONE, TINY_TRAIN_SECTION
 
 TINY = {
@@ -111,23 +117,23 @@ def test_a_failed_stage_keeps_earlier_outputs_and_a_rerun_continues(finished_run
     root, run = finished_run
     import shutil
 
-    import must.teach
+    import must.stages.teach
 
     shutil.rmtree(run / "transfer" / "student")
     before = mtimes(run)
-    real_teach = must.teach.teach
+    real_teach = must.stages.teach.teach
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(must.teach, "teach", broken)
+    monkeypatch.setattr(must.stages.teach, "teach", broken)
     cfg = load_experiment(tiny_experiment(root))
     with pytest.raises(StageFailed, match=r"stage 'transfer' failed: disk full"):
         run_experiment(cfg, run, progress=False)
     status = json.loads((run / "stages.json").read_text())
     assert status["transfer"]["status"] == "failed" and "disk full" in status["transfer"]["error"]
     assert mtimes(run) == before  # nothing computed before is lost
-    monkeypatch.setattr(must.teach, "teach", real_teach)
+    monkeypatch.setattr(must.stages.teach, "teach", real_teach)
     status = run_experiment(cfg, run, progress=False, only=["transfer"])
     jobs = status["transfer"]["jobs"]
     assert jobs["scratch normals probe"].startswith("skipped")
@@ -272,7 +278,7 @@ def test_a_changed_experiment_never_reuses_a_model_trained_with_another_config(f
 
 
 def test_transfer_waits_for_extra_students_only_when_their_stage_runs(tmp_path):
-    from must.experiment import Experiment
+    from must.stages.experiment import Experiment
 
     path = tiny_experiment(
         tmp_path, stages=["teachers", "label", "student", "scaling", "transfer"], scaling=[0.5]

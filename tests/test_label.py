@@ -30,9 +30,9 @@ from must.data.render import render_dataset
 from must.data.styles import load_style
 from must.data.transforms import build_transforms
 from must.errors import ConfigError
-from must.label import LabelSettings, label_images
 from must.models.backbone import Backbone
 from must.models.model import MultiTaskModel
+from must.stages.label import LabelSettings, label_images
 from must.store import PseudoLabelStore, StoreDataset
 from must.tasks import build_task
 from tiny import tiny_backbone
@@ -237,7 +237,7 @@ def test_store_dataset_gives_back_the_stored_labels_as_training_samples(referenc
     assert sample["depth"].shape == (1, POOL_PX, POOL_PX)
     assert sample["label_origin"] == dict.fromkeys(store.tasks, "pseudo")
     # The training pipeline takes it as it is: augmentation, then each task's collate.
-    from must.train.data import Collator
+    from must.training.data import Collator
 
     aug = StoreDataset(reference, transform=build_transforms(True, 32))
     batch = Collator({n: build_task(n, store.classes(n)) for n in store.tasks})([aug[0], aug[1]])

@@ -16,16 +16,16 @@ from must.data.readers import MultiTaskDataset
 from must.data.render import render_dataset
 from must.data.styles import load_style
 from must.data.transforms import build_transforms
-from must.label import label_images
 from must.models.backbone import BackboneConfig
 from must.models.model import MultiTaskModel
-from must.pretrain import TwoViews, simclr_views
+from must.stages.label import label_images
+from must.stages.pretrain import TwoViews, simclr_views
 from must.store import StoreDataset
 from must.store.dataset import store_tasks
 from must.tasks import build_task
 from must.tasks.base import Batch
-from must.train import data as loading
-from must.train.data import make_dataset, make_loader, resolve_workers, worker_context
+from must.training import data as loading
+from must.training.data import make_dataset, make_loader, resolve_workers, worker_context
 
 TINY = BackboneConfig(depth=10, widths=(8, 16, 32, 64), stem_width=8, fpn_channels=16)
 PX = 32

@@ -24,10 +24,10 @@ from must.config import DataConfig, TeachConfig, load_config
 from must.data.readers import MultiTaskDataset
 from must.data.show import show_dataset
 from must.data.transforms import build_transforms
-from must.evaluate import _coco_ids, coco_results
+from must.stages.evaluate import _coco_ids, coco_results
+from must.stages.teach import teach
 from must.tasks.detection import DetectionMetric, DetectionTask
-from must.teach import teach
-from must.train.data import Collator, make_dataset, make_loader
+from must.training.data import Collator, make_dataset, make_loader
 from tiny import TINY_MODEL, tiny_steps
 
 # (width, height): landscape, portrait, square and an odd one; the longest is 120 px.
@@ -332,7 +332,7 @@ def test_student_on_datasets_without_a_test_split_states_it(folder, tmp_path):
     """Teachers train without a 'test' split; so does the student: no test metrics for that
     task, said so, instead of stopping with "no split 'test'"."""
     from must.config import StudentConfig
-    from must.student import train_student
+    from must.stages.train import train_student
 
     cfg = load_config(
         StudentConfig,
@@ -361,7 +361,7 @@ def test_a_keep_aspect_teacher_labels_letterboxed_images_in_their_own_pixels(
 
     from must.checkpoint import load_model
     from must.data.readers import read_image
-    from must.label import LabelSettings, label_images
+    from must.stages.label import LabelSettings, label_images
     from must.store import PseudoLabelStore
 
     info = json.loads((teacher / "summary.json").read_text())["info"]
@@ -397,7 +397,7 @@ def test_a_keep_aspect_teacher_labels_letterboxed_images_in_their_own_pixels(
 def test_training_reads_no_instance_masks_and_resize_follows_the_trained_task(folder):
     """Masks are decoded for what draws or crops with them, not for keep_aspect training or
     evaluation; ``auto`` keeps the aspect only when detection is what the run trains."""
-    from must.train.data import resize_mode
+    from must.training.data import resize_mode
 
     cfg = DataConfig(dataset=str(folder), image_size=64)
     for train in (True, False):

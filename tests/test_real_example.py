@@ -210,7 +210,7 @@ def test_real_example_runs_every_stage_on_dataset_folders(tmp_path):
 
 def test_data_root_must_be_given(tmp_path):
     with pytest.raises(ConfigError, match="data_root"):
-        from must.experiment import load_experiment
+        from must.stages.experiment import load_experiment
 
         load_experiment("real_example")
 

@@ -18,8 +18,8 @@ from must.cli import main
 from must.config import DataConfig, TeachConfig, load_config
 from must.data.readers import MultiTaskDataset
 from must.errors import ConfigError, DataError
-from must.teach import teach
-from must.train.data import make_dataset
+from must.stages.teach import teach
+from must.training.data import make_dataset
 from tiny import TINY_MODEL, TINY_STEPS
 
 H, W = 32, 32

@@ -21,8 +21,8 @@ from must.checkpoint import OLD_FORMAT, build_model, load_model, model_spec, sav
 from must.cli import main
 from must.config import TeachConfig, load_config
 from must.errors import ConfigError
-from must.teach import teach
-from must.train.module import NonFiniteLossError
+from must.stages.teach import teach
+from must.training.module import NonFiniteLossError
 from tiny import TINY_BACKBONE, TINY_MODEL, TINY_TRAIN_SECTION, tiny_data, tiny_steps
 
 TINY = [*TINY_MODEL, *tiny_data(), *tiny_steps(2)]

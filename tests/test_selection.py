@@ -11,7 +11,7 @@ import torch
 from must.config import StudentConfig, load_config
 from must.models.model import MultiTaskModel
 from must.tasks import build_task
-from must.train.module import SCORE_FLOOR, MultiTaskModule
+from must.training.module import SCORE_FLOOR, MultiTaskModule
 from tiny import TINY_MODEL
 
 CLASSES = {"classification": ["a", "b"], "detection": ["a", "b"], "segmentation": ["a", "b"]}

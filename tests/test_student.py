@@ -13,11 +13,11 @@ from must.checkpoint import load_model
 from must.cli import main
 from must.config import StudentConfig, TeachConfig, load_config
 from must.errors import ConfigError
-from must.label import label_images
-from must.student import initialise, train_student
+from must.stages.label import label_images
+from must.stages.teach import teach
+from must.stages.train import initialise, train_student
 from must.tasks import TASK_TYPES
-from must.teach import teach
-from must.train.fit import read_checkpoint
+from must.training.fit import read_checkpoint
 from tiny import TINY_MODEL, tiny_data
 
 TINY_TRAIN = ["train.warmup_steps=1", "train.max_steps=2", "train.val_every=2"]
@@ -154,7 +154,7 @@ def test_bad_student_inputs_are_refused_before_training(world, tmp_path):
 
 
 def test_store_weights_set_each_stores_share_of_draws_whatever_its_size():
-    from must.student import store_sampler
+    from must.stages.train import store_sampler
 
     sizes, weights = [100, 900, 50], [1.0, 1.0, 2.0]
     draws = []
@@ -169,7 +169,7 @@ def test_store_weights_set_each_stores_share_of_draws_whatever_its_size():
 
 
 def test_joined_sources_are_drawn_uniformly_over_images_by_default():
-    from must.student import joined_sampler
+    from must.stages.train import joined_sampler
 
     sizes = [100, 900, 50]
     bounds = torch.tensor([100, 1000])

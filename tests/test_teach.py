@@ -18,11 +18,11 @@ from must.cli import main
 from must.config import TeachConfig, load_config
 from must.data.styles import load_style
 from must.errors import ConfigError, MustError
-from must.evaluate import evaluate
 from must.models.backbone import Backbone, BackboneConfig
+from must.stages.evaluate import evaluate
+from must.stages.teach import teach
 from must.tasks.base import Batch
-from must.teach import teach
-from must.train.module import MultiTaskModule, NonFiniteLossError
+from must.training.module import MultiTaskModule, NonFiniteLossError
 from tiny import TINY_MODEL, tiny_backbone, tiny_data, tiny_steps
 
 TINY = [*TINY_MODEL, *tiny_data(num=30), *tiny_steps(4, 2)]

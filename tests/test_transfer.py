@@ -10,10 +10,10 @@ from must.cli import main
 from must.config import SimCLRConfig, StudentConfig, TeachConfig, ViewsConfig, load_config
 from must.errors import ConfigError, MustError
 from must.models.model import MultiTaskModel
-from must.pretrain import pretrain_simclr, simclr_views
-from must.student import train_student
+from must.stages.pretrain import pretrain_simclr, simclr_views
+from must.stages.teach import teach
+from must.stages.train import train_student
 from must.tasks import build_task
-from must.teach import teach
 from tiny import TINY_MODEL, tiny_data
 
 TINY_TRAIN = ["train.warmup_steps=1", "train.max_steps=3", "train.val_every=3"]
@@ -167,7 +167,7 @@ def test_multitask_baseline_trains_on_the_union_of_labelled_sets(world, tmp_path
 def test_store_fraction_uses_the_first_images_of_the_list():
     from torch.utils.data import Subset
 
-    from must.student import first_images
+    from must.stages.train import first_images
 
     data = list(range(40))
     part = first_images(data, 0.25)

@@ -12,13 +12,13 @@ import torch
 from must.config import StudentConfig, load_config
 from must.errors import ConfigError
 from must.models.model import MultiTaskModel
-from must.student import make_weighting
+from must.stages.train import make_weighting
 from must.summary import RunInfo
 from must.tasks import build_task
-from must.train.data import Collator
-from must.train.module import MultiTaskModule
-from must.train.pcgrad import PCGrad, project_conflicting
-from must.train.weighting import (
+from must.training.data import Collator
+from must.training.module import MultiTaskModule
+from must.training.pcgrad import PCGrad, project_conflicting
+from must.training.weighting import (
     WEIGHTINGS,
     DynamicWeightAverage,
     FixedWeights,
@@ -98,7 +98,7 @@ def test_unknown_weighting_names_are_refused_listing_the_known_ones():
 
 
 def test_a_registered_weighting_is_accepted_by_the_config_and_built(monkeypatch):
-    import must.train.weighting as registry
+    import must.training.weighting as registry
 
     monkeypatch.setattr(registry, "WEIGHTINGS", dict(WEIGHTINGS))  # restored after the test
 

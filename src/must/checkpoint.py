@@ -14,13 +14,8 @@ run code) and :func:`convert_model` turns a trusted one into the new format.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import pickle
-import socket
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from must.errors import ConfigError
+from must.files import file_sha256, write_atomic
 from must.models.backbone import RESNET, BackboneConfig
 from must.models.model import MultiTaskModel
 from must.summary import RunInfo
@@ -61,22 +57,6 @@ def build_model(spec: dict[str, Any]) -> MultiTaskModel:
     return MultiTaskModel(backbone, tasks)
 
 
-# Temporaries are named after their writer (as the store's are): two processes writing the
-# same folder at once never write through, or rename away, each other's temporary.
-_HOST = hashlib.sha256(socket.gethostname().encode("utf-8")).hexdigest()[:8]
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` then rename ``tmp`` over ``path``; the temporary is removed on failure."""
-    tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_model(model: MultiTaskModel, out_dir: str | Path, info: RunInfo | dict[str, Any]) -> Path:
     """Write ``model.safetensors`` and ``summary.json`` into ``out_dir`` (each via a temporary
     file, so a killed run never leaves half a model). ``info``: what the run records."""
@@ -87,10 +67,10 @@ def save_model(model: MultiTaskModel, out_dir: str | Path, info: RunInfo | dict[
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     metadata = {META_FORMAT: FORMAT, META_PAYLOAD: json.dumps(payload)}
     model_file = out_dir / MODEL_FILE
-    _write_atomic(model_file, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_atomic(model_file, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     summary = {**payload, "sha256": file_sha256(model_file)}
     text = json.dumps(summary, indent=2) + "\n"
-    _write_atomic(out_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
+    write_atomic(out_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
     return model_file
 
 
@@ -179,14 +159,6 @@ def _load_state(model: MultiTaskModel, state: dict[str, torch.Tensor], file: Pat
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise ConfigError(f"{file}: its weights do not fit its own settings: {first}") from err
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def torch_load(file: str | Path, what: str = "file", mmap: bool = False) -> Any:

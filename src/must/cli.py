@@ -100,14 +100,14 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
 
 def _cmd_teach(args: argparse.Namespace) -> int:
     from must.config import TeachConfig, load_config
-    from must.teach import teach
+    from must.stages.teach import teach
 
     cfg = load_config(TeachConfig, args.config, args.overrides)
     summary = teach(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     if summary is None:  # another process of a multi-process run: rank 0 reports
         return 0
     task = cfg.task
-    from must.evaluate import format_table
+    from must.stages.evaluate import format_table
 
     info = _info(summary, args.out)
     print(f"teacher for {task} written to {args.out} ({info.steps} steps)")
@@ -125,7 +125,7 @@ def _info(summary: dict, out: str) -> RunInfo:
 
 def _print_test(info: RunInfo, where: str) -> None:
     """The test table, or what was measured instead where a dataset has no 'test' split."""
-    from must.evaluate import format_table
+    from must.stages.evaluate import format_table
 
     if info.test:
         print(f"test ({where}):")
@@ -136,7 +136,7 @@ def _print_test(info: RunInfo, where: str) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from must.evaluate import NothingToMeasure, evaluate, format_table
+    from must.stages.evaluate import NothingToMeasure, evaluate, format_table
 
     try:
         results = evaluate(
@@ -163,7 +163,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_label_run(args: argparse.Namespace) -> int:
-    from must.label import LabelSettings, label_images
+    from must.stages.label import LabelSettings, label_images
 
     settings = LabelSettings(
         det_threshold=args.det_threshold,
@@ -196,7 +196,7 @@ def _cmd_label_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_label_show(args: argparse.Namespace) -> int:
-    from must.label_inspect import show_store
+    from must.stages.label_inspect import show_store
 
     path = show_store(args.store, args.out, num=args.num, image_root=args.image_root)
     print(f"wrote {path}")
@@ -204,7 +204,7 @@ def _cmd_label_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_label_stats(args: argparse.Namespace) -> int:
-    from must.label_inspect import format_stats, store_stats
+    from must.stages.label_inspect import format_stats, store_stats
 
     stats = store_stats(args.store)
     print(format_stats(stats))
@@ -215,8 +215,8 @@ def _cmd_label_stats(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from must.config import StudentConfig, load_config
-    from must.evaluate import format_table
-    from must.student import train_student
+    from must.stages.evaluate import format_table
+    from must.stages.train import train_student
 
     overrides = list(args.overrides)
     if args.store:
@@ -238,7 +238,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from must.student import export_backbone
+    from must.stages.train import export_backbone
 
     path = export_backbone(args.checkpoint, args.out, with_fpn=args.with_fpn)
     print(f"wrote {path}")
@@ -247,7 +247,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from must.config import SimCLRConfig, load_config
-    from must.pretrain import pretrain_simclr
+    from must.stages.pretrain import pretrain_simclr
 
     cfg = load_config(SimCLRConfig, args.config, args.overrides)
     summary = pretrain_simclr(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
@@ -263,8 +263,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_transfer(args: argparse.Namespace) -> int:
     from must.config import TeachConfig, load_config
-    from must.evaluate import format_table
-    from must.teach import teach
+    from must.stages.evaluate import format_table
+    from must.stages.teach import teach
 
     merge: dict = {"init": None if args.backbone == "random" else args.backbone}
     if args.probe:
@@ -288,7 +288,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from must.experiment import load_experiment, run_experiment
+    from must.stages.experiment import load_experiment, run_experiment
 
     cfg = load_experiment(args.experiment, args.overrides)
     run_experiment(cfg, args.out, progress=not args.quiet, only=args.only)
@@ -304,7 +304,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from must.report import write_report
+    from must.stages.report import write_report
 
     path = write_report(args.runs, args.out or args.runs[0])
     print(f"wrote {path} (and report.html beside it)")

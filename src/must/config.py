@@ -17,8 +17,8 @@ from pydantic import (
     model_validator,
 )
 
-from must.data.styles import deep_merge
 from must.errors import ConfigError, describe_validation_error
+from must.extends import deep_merge, resolve_extends
 from must.models.backbone import RESNET, BackboneConfig
 
 TaskName = Literal["classification", "detection", "segmentation", "depth", "normals"]
@@ -32,7 +32,7 @@ def _workers(value: Any) -> int | str:
     raise ValueError(f"{value!r}: give a number of loader worker processes (0 or more) or auto")
 
 
-# Loader worker processes: a count, or ``auto`` (``must.train.data.resolve_workers``: half the
+# Loader worker processes: a count, or ``auto`` (``must.training.data.resolve_workers``: half the
 # usable CPUs, at most 8, none on two CPUs or fewer).
 Workers = Annotated[int | Literal["auto"], PlainValidator(_workers)]
 
@@ -186,7 +186,7 @@ class StudentDataConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    # A registered weighting (must.train.weighting): must, equal, fixed, uncertainty, dwa,
+    # A registered weighting (must.training.weighting): must, equal, fixed, uncertainty, dwa,
     # pcgrad. must: w_i = (b_s * lr_i) / (b_i * lr_s) from the teachers' batch sizes and
     # learning rates, with ``hand`` weights for the tasks MuST sets by hand (depth).
     kind: str = "must"
@@ -198,7 +198,7 @@ class LossConfig(_Strict):
     @field_validator("kind")
     @classmethod
     def _kind_is_registered(cls, kind: str) -> str:
-        from must.train.weighting import weighting_names
+        from must.training.weighting import weighting_names
 
         names = weighting_names()
         if kind not in names:
@@ -311,15 +311,9 @@ def load_config(
     if path is not None:
         file = resolve_preset(path)
         where = str(file)
-        try:
-            text = file.read_text()
-            loaded = yaml.safe_load(text)
-            lines = yaml_lines(text)
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{file}: cannot read config: {err}") from err
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{file}: a config must be a mapping of keys")
-        raw = loaded
+        raw, lines = _read_config(file)
+        # Line numbers are the file's own; a bad key it inherits is named without one.
+        raw = resolve_extends(raw, where, _read_parent)
     raw = deep_merge(raw, merge or {})
     cli = parse_overrides(overrides or [])
     raw = deep_merge(raw, cli)
@@ -328,6 +322,30 @@ def load_config(
     except ValidationError as err:
         detail = describe_validation_error(err, lines, from_command_line=_leaf_paths(cli))
         raise ConfigError(f"{where}: invalid config:\n{detail}") from err
+
+
+def _read_config(file: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
+    try:
+        text = file.read_text()
+        loaded = yaml.safe_load(text)
+        lines = yaml_lines(text)
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{file}: cannot read config: {err}") from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{file}: a config must be a mapping of keys")
+    return loaded, lines
+
+
+def _read_parent(name: str, child: str) -> tuple[dict[str, Any], str]:
+    """``extends: NAME``: a file relative to the child's folder, else a preset."""
+    beside = Path(child).parent / name
+    try:
+        file = beside if beside.is_file() else resolve_preset(name)
+    except ConfigError:
+        raise ConfigError(
+            f"{child}: extends {name!r}: no such file beside it, nor preset in {presets_dir()}"
+        ) from None
+    return _read_config(file)[0], str(file)
 
 
 def yaml_lines(text: str) -> dict[tuple, int]:

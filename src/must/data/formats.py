@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +41,13 @@ from must.data.spec import (
     SplitSpec,
 )
 from must.errors import ConfigError, DataError
+from must.files import write_atomic
 
 MAX_UINT16 = 65535
 # Colour of the ignore value in VOC's own PNGs (the "void" object borders).
 _VOC_IGNORE_COLOUR = (224, 224, 192)
-_TMP_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
+# must.files.temporary_name's names, and the older ``.NAME.PID.RANDOM.tmp``.
+_TMP_NAME = re.compile(r"^\..+\.(?:[0-9a-f]{8}-\d+-|\d+\.)[0-9a-f]{8}\.tmp$")
 
 
 @dataclass
@@ -100,29 +101,13 @@ def voc_palette(ignore_index: int = 255) -> list[int]:
     return pal.reshape(-1).tolist()
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _save_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path`` (same folder, so the rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_png(image: Image.Image, path: Path) -> None:
-    _save_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_json(obj, path: Path, indent: int | None = None) -> None:
     text = json.dumps(obj, indent=indent)
-    _save_atomic(path, lambda tmp: tmp.write_text(text))
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def encode_depth(depth: np.ndarray, scale: float) -> tuple[np.ndarray, int]:

@@ -31,6 +31,7 @@ from must.data.scenes import (
 )
 from must.data.spec import TASKS
 from must.errors import ConfigError, describe_validation_error
+from must.extends import resolve_extends
 
 Range = tuple[float, float]
 RGB = tuple[float, float, float]
@@ -211,30 +212,13 @@ def _raw_style(name_or_path: str) -> tuple[dict, str]:
     return raw, where
 
 
-def deep_merge(base: dict, over: dict) -> dict:
-    """``over`` on top of ``base``; nested mappings merge key by key (styles, configs)."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = (
-            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        )
-    return out
-
-
 @lru_cache(maxsize=64)
 def load_style(name_or_path: str) -> Style:
     """A built-in style by name, or a style YAML file by path; errors name the bad field."""
     raw, where = _raw_style(name_or_path)
     if "name" not in raw:
         raise ConfigError(f"{where}: a style needs a 'name' (it also seeds the rendering)")
-    chain = [where]
-    # Each parent fills in what its child leaves out; the child's own fields win.
-    while parent_name := raw.pop("extends", None):
-        parent, parent_where = _raw_style(str(parent_name))
-        if parent_where in chain:
-            raise ConfigError(f"{where}: 'extends' forms a cycle through {parent_where}")
-        chain.append(parent_where)
-        raw = deep_merge(parent, raw)
+    raw = resolve_extends(raw, where, lambda name, _: _raw_style(name))
     try:
         style = Style.model_validate(raw)
     except ValidationError as err:

@@ -13,8 +13,6 @@ Kept apart from ``shards.py`` so that the reader there needs neither torch nor t
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from torchvision import tv_tensors
 
 from must.data.readers import read_image
 from must.errors import ConfigError, DataError
+from must.files import write_bytes_atomic
 from must.store.shards import PseudoLabelStore
 from must.tasks import build_task
 from must.tasks.base import Task
@@ -57,13 +56,7 @@ def write_image_locations(store_root: str | Path, content: Mapping[str, Any]) ->
     data = (json.dumps(content, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
     if out.is_file() and out.read_bytes() == data:
         return out
-    tmp = out.with_name(f"{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return write_bytes_atomic(out, data)
 
 
 def read_image_locations(store_root: str | Path) -> dict[str, Any]:

@@ -129,6 +129,7 @@ def sidecar_name(index: int) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
+    # Also in must.files: this module stays one self-contained file a user can copy.
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

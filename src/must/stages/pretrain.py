@@ -25,11 +25,11 @@ from must.data.readers import MultiTaskDataset
 from must.features import LAST_STAGE
 from must.models.backbone import Backbone
 from must.models.model import MultiTaskModel
+from must.stages.common import claim_output
 from must.summary import RunInfo
-from must.teach import claim_output
-from must.train.data import make_loader, prepare_dataset
-from must.train.fit import end_other_processes, fit, make_trainer, train_seconds
-from must.train.module import NonFiniteLossError, optimizer_and_schedule
+from must.training.data import make_loader, prepare_dataset
+from must.training.fit import end_other_processes, fit, make_trainer, train_seconds
+from must.training.module import NonFiniteLossError, optimizer_and_schedule
 
 
 def simclr_views(cfg: ViewsConfig, size: int) -> v2.Compose:
@@ -79,7 +79,7 @@ class SimCLRModule(L.LightningModule):
         return self.projection(c5.mean(dim=(2, 3)))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        a, b = (v.float() / 255 for v in batch)
+        a, b = batch  # uint8: the backbone scales them
         loss = self.criterion(self.embed(a), self.embed(b))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(

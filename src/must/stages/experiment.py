@@ -41,6 +41,7 @@ from must.config import (
     same_run,
 )
 from must.errors import ConfigError, MustError, nearest_line
+from must.files import write_bytes_atomic
 
 StageName = Literal[
     "teachers", "label", "student", "simclr", "multitask", "scaling", "strong", "transfer", "report"
@@ -304,7 +305,7 @@ class Experiment:
 
     def pool_folder(self) -> Path:
         from must.config import DataConfig
-        from must.train.data import prepare_dataset
+        from must.training.data import prepare_dataset
 
         p = self.cfg.pool
         dcfg = DataConfig(
@@ -398,10 +399,10 @@ class Experiment:
 
     # the jobs of each stage
     def jobs(self, stage: str) -> list[Job]:
-        from must.label import LabelSettings, label_images
-        from must.pretrain import pretrain_simclr
-        from must.student import train_student
-        from must.teach import teach
+        from must.stages.label import LabelSettings, label_images
+        from must.stages.pretrain import pretrain_simclr
+        from must.stages.teach import teach
+        from must.stages.train import train_student
 
         cfg, out, progress = self.cfg, self.out, self.progress
 
@@ -448,7 +449,7 @@ class Experiment:
                 )
             )
             if lb.teacher_sets:
-                from must.train.data import prepare_dataset
+                from must.training.data import prepare_dataset
 
                 for task in cfg.teachers:
                     d = out / "stores" / task
@@ -491,7 +492,7 @@ class Experiment:
                         c = self.transfer_config(backbone, task, mode)
                         jobs.append(_trained(stage, f"{backbone} {task} {mode}", d, transfer, c))
         elif stage == "report":
-            from must.report import write_report
+            from must.stages.report import write_report
 
             jobs.append(Job(stage, "report", out, lambda: write_report([out], out), lambda: False))
         return jobs
@@ -502,7 +503,7 @@ def _seed(exp: Experiment) -> dict[str, Any]:
 
 
 def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
-    from must.data.styles import deep_merge
+    from must.extends import deep_merge
 
     out: dict[str, Any] = {}
     for part in parts:
@@ -568,6 +569,4 @@ def run_experiment(
 
 
 def _write_status(path: Path, status: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(status, indent=2) + "\n")
-    tmp.replace(path)
+    write_bytes_atomic(path, (json.dumps(status, indent=2) + "\n").encode("utf-8"))

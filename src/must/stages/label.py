@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from must.checkpoint import file_sha256, load_model, resolve_model_file
+from must.checkpoint import load_model, resolve_model_file
 from must.data.readers import (
     IMAGE_EXTENSIONS,
     MultiTaskDataset,
@@ -47,13 +47,14 @@ from must.data.readers import (
     walk_files,
 )
 from must.errors import ConfigError, DataError
+from must.files import file_sha256
 from must.models.model import MultiTaskModel
 from must.store import ENCODINGS, PseudoLabelStore, Record, ShardWriter
 from must.store.dataset import image_locations, write_image_locations
 from must.store.shards import HEADER_FILE, KEYS_FILE, sidecar_name
 from must.summary import run_info
 from must.tasks.base import Task, label_size
-from must.train.data import one_compute_thread, pad_samples, worker_context
+from must.training.data import one_compute_thread, pad_samples, worker_context
 
 DEFAULT_BATCH_SIZE = 64
 # Beside a teacher's predictions: the (height, width) its padded keep-aspect batch had.
@@ -231,7 +232,7 @@ def resolve_images(
 
     ``keep_real_tasks``: read the real labels of these tasks (dataset folders only).
     """
-    from must.train.data import is_dataset_folder, prepare_dataset
+    from must.training.data import is_dataset_folder, prepare_dataset
 
     path = Path(source)
     style = None
@@ -402,7 +403,7 @@ class _Images(Dataset):
 
 def _collate(items: list[dict[str, Any]], divisors: Mapping[tuple, int]) -> dict[str, Any]:
     """Inputs stacked per view; images of different sizes (keep_aspect views) padded at the
-    bottom and right as training batches are (:func:`must.train.data.pad_samples`). Each
+    bottom and right as training batches are (:func:`must.training.data.pad_samples`). Each
     item gets ``fitted``: its image's size within each view's input, before padding."""
     ok = [it for it in items if it["error"] is None]
     inputs = {}
@@ -774,7 +775,7 @@ def _run(
                     for ti, teacher in enumerate(teachers):
                         x = batch["inputs"][teacher.view].to(device, non_blocking=True)
                         with _autocast(device):
-                            out, _ = teacher.model(x.float() / 255.0)
+                            out, _ = teacher.model(x)  # uint8: the backbone scales it
                         predictions[ti] = _to_cpu({n: out[n] for n in teacher.tasks})
                         predictions[ti][PADDED_INPUT] = tuple(x.shape[-2:])
                 sink.put(batch["items"], predictions)

@@ -19,7 +19,7 @@ from must.errors import ConfigError, DataError
 from must.summary import run_info
 from must.tasks.base import Task
 from must.tasks.detection import to_original
-from must.train.data import make_dataset, make_loader, prepare_dataset
+from must.training.data import make_dataset, make_loader, prepare_dataset
 
 
 def evaluate(

@@ -305,7 +305,7 @@ def example_predictions(model_dir: Path, dataset: str, out: Path, num: int = 3) 
     from must.data.readers import MultiTaskDataset
     from must.data.show import sample_panels, text_panel
     from must.data.spec import load_spec
-    from must.train.data import augmentation
+    from must.training.data import augmentation
 
     if not (model_dir / MODEL_FILE).is_file() or not Path(dataset).exists():
         return None
@@ -321,7 +321,7 @@ def example_predictions(model_dir: Path, dataset: str, out: Path, num: int = 3) 
     tiles = []
     for i in range(min(num, len(ds))):
         sample = ds[i]
-        image = torch.as_tensor(sample["image"]).float()[None] / 255
+        image = torch.as_tensor(sample["image"])[None]  # uint8: the backbone scales it
         with torch.inference_mode():
             predictions, _ = model(image)
         shown = sample_panels({"image": sample["image"]}, {})[0]

@@ -22,20 +22,20 @@ from must.data.readers import MultiTaskDataset, skip_report
 from must.data.spec import load_spec
 from must.errors import ConfigError
 from must.models.model import MultiTaskModel
+from must.stages.common import claim_output
 from must.store.dataset import StoreDataset
 from must.summary import RunInfo, run_info
 from must.tasks import Task, build_task
-from must.teach import claim_output
-from must.train.data import (
+from must.training.data import (
     augmentation,
     make_dataset,
     make_loader,
     prepare_dataset,
     print_notes,
 )
-from must.train.fit import fit_and_test, resolve_precision
-from must.train.module import MultiTaskModule
-from must.train.weighting import (
+from must.training.fit import fit_and_test, resolve_precision
+from must.training.module import MultiTaskModule
+from must.training.weighting import (
     LossWeighting,
     WeightingContext,
     build_weighting,

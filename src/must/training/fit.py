@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from must.checkpoint import torch_load
 from must.config import TrainConfig
 from must.errors import ConfigError, MustError
-from must.train.module import MultiTaskModule, NonFiniteLossError
+from must.training.module import MultiTaskModule, NonFiniteLossError
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
