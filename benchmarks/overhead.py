@@ -91,13 +91,13 @@ def bare_loop(preset: str, opts: list[str]) -> dict:
     Model, data and optimizer come from the same settings; the loop is plain PyTorch."""
     from must.config import TeachConfig, load_config
     from must.tasks import build_task
-    from must.training.data import make_dataset, make_loader, prepare_dataset, resolve_workers
+    from must.training.data import make_dataset, make_loader, resolve_workers
     from must.training.fit import resolve_precision
     from must.training.module import optimizer_and_schedule
 
     cfg = load_config(TeachConfig, preset, opts)
     tc = cfg.train
-    root = prepare_dataset(cfg.data, progress=False)
+    root = cfg.data.prepare(progress=False)
     train_set = make_dataset(root, "train", cfg.data, train=True, tasks=[cfg.task])
     val_set = make_dataset(root, "val", cfg.data, train=False, tasks=[cfg.task])
     from must.models.model import MultiTaskModel

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from must.checkpoint import load_model
 from must.config import StudentConfig, load_config
+from must.data.source import DataSource
 from must.stages.evaluate import evaluate
 from must.stages.label import label_images
 from must.stages.train import train_student
@@ -49,7 +50,7 @@ def main() -> None:
     start = time.perf_counter()
     stores = [work / "store-pool"]
     label_images(
-        teachers, "mixed", stores[0], cache=work / "data", num=args.pool, render_size=64,
+        teachers, DataSource(dataset="mixed", cache=str(work / "data"), num=args.pool, render_size=64), stores[0],
         workers=1, progress=False,
     )  # fmt: skip
     for task in TASKS:

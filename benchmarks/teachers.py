@@ -22,7 +22,7 @@ from must.config import TeachConfig, load_config
 from must.data.readers import MultiTaskDataset
 from must.stages.teach import teach
 from must.tasks import build_task
-from must.training.data import make_dataset, prepare_dataset
+from must.training.data import make_dataset
 
 PRESETS = {
     "classification": ("teach_classification_cpu", "top1"),
@@ -38,7 +38,7 @@ def _labels(dataset: MultiTaskDataset, key: str) -> list[torch.Tensor]:
 
 def chance(cfg: TeachConfig) -> dict[str, float]:
     """The task's metric for a constant prediction fitted on the training split."""
-    root = prepare_dataset(cfg.data, progress=False)
+    root = cfg.data.prepare(progress=False)
     train = make_dataset(root, "train", cfg.data, train=False)
     test = make_dataset(root, "test", cfg.data, train=False)
     task = build_task(cfg.task, train.classes.get(cfg.task), cfg.model.heads.get(cfg.task))

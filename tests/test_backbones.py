@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from must.checkpoint import initialise, load_model, save_model
 from must.cli import main
 from must.config import SimCLRConfig, StudentConfig, TeachConfig, load_config, same_run
+from must.data.source import DataSource
 from must.errors import ConfigError
 from must.features import FeatureSpec
 from must.models.backbone import Backbone, BackboneConfig
@@ -234,7 +235,7 @@ def test_a_timm_backbone_runs_teach_label_train_and_transfer(tmp_path):
         teachers.append(str(tmp_path / task))
     store = tmp_path / "store"
     label_images(
-        teachers, "mixed", store, cache=cache, num=8, render_size=32, shard_size=8,
+        teachers, DataSource(dataset="mixed", cache=str(cache), num=8, render_size=32), store, shard_size=8,
         batch_size=4, workers=0, progress=False,
     )  # fmt: skip
     student = load_config(

@@ -24,7 +24,7 @@ from must.models.model import MultiTaskModel
 from must.stages.evaluate import NothingToMeasure, evaluate
 from must.stages.teach import teach
 from must.tasks import build_task
-from must.training.data import make_dataset, make_loader, prepare_dataset
+from must.training.data import make_dataset, make_loader
 from tiny import TINY_MODEL, TINY_STEPS, tiny_backbone
 
 H, W = 32, 32
@@ -335,7 +335,7 @@ def test_a_folder_of_images_without_description_is_explained(tmp_path, capsys):
     assert "photos: this folder has no manifest.json or dataset.yaml" in err
     assert "docs/data.md" in err and "Is a directory" not in err
     with pytest.raises(ConfigError, match="no manifest.json or dataset.yaml"):
-        prepare_dataset(DataConfig(dataset=str(tmp_path / "photos")))
+        DataConfig(dataset=str(tmp_path / "photos")).prepare()
     argv = ["teach", "teach_depth_cpu", f"data.dataset={tmp_path / 'photos'}"]
     assert main([*argv, "--out", str(tmp_path / "t"), "--quiet"]) == 2
     assert "no manifest.json or dataset.yaml" in capsys.readouterr().err

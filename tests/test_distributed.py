@@ -13,6 +13,7 @@ import pytest
 import must.checkpoint as checkpoint
 from must.checkpoint import load_model, save_model
 from must.data.readers import MultiTaskDataset
+from must.data.source import DataSource
 from must.models.model import MultiTaskModel
 from must.stages.evaluate import evaluate
 from must.stages.label import label_images
@@ -77,8 +78,8 @@ def test_two_process_student_is_written_and_reported_once(teacher, tmp_path):
     teacher_dir, cache, _ = teacher
     store = tmp_path / "store"
     label_images(
-        [str(teacher_dir)], "rooms", store, cache=cache, num=12, render_size=32,
-        shard_size=8, batch_size=4, workers=0, progress=False,
+        [str(teacher_dir)], DataSource(dataset="rooms", cache=str(cache), num=12, render_size=32),
+        store, shard_size=8, batch_size=4, workers=0, progress=False,
     )  # fmt: skip
     out = tmp_path / "student"
     proc = must(

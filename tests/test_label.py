@@ -27,6 +27,7 @@ from must.checkpoint import load_model, save_model
 from must.cli import main
 from must.data.readers import MultiTaskDataset, read_image
 from must.data.render import render_dataset
+from must.data.source import DataSource
 from must.data.styles import load_style
 from must.data.transforms import build_transforms
 from must.errors import ConfigError
@@ -464,7 +465,8 @@ def test_show_and_stats(reference, tmp_path, capsys):
 
 def test_a_style_name_is_rendered_into_the_cache(root):
     cls = make_teacher(root / "cls5", ["classification"], seed=5)
-    result = run([cls], "objects", root / "styled", cache=root / "cache", num=5, render_size=32)
+    source = DataSource(dataset="objects", cache=str(root / "cache"), num=5, render_size=32)
+    result = run([cls], source, root / "styled")
     assert result.complete and result.images == 4  # the train split of 5 images
     locations = json.loads((root / "styled" / "images.json").read_text())
     assert locations["style"] == "objects"

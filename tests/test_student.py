@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from must.checkpoint import load_model
 from must.cli import main
 from must.config import StudentConfig, TeachConfig, load_config
+from must.data.source import DataSource
 from must.errors import ConfigError
 from must.stages.label import label_images
 from must.stages.teach import teach
@@ -40,8 +41,8 @@ def world(tmp_path_factory):
         teachers[task] = root / task
     store = root / "store"
     label_images(
-        [str(p) for p in teachers.values()], "mixed", store, cache=cache, num=12,
-        render_size=32, shard_size=8, batch_size=4, workers=0, progress=False,
+        [str(p) for p in teachers.values()],
+        DataSource(dataset="mixed", cache=str(cache), num=12, render_size=32), store, shard_size=8, batch_size=4, workers=0, progress=False,
     )  # fmt: skip
     return root, teachers, store
 

@@ -16,6 +16,7 @@ import torch
 from must.checkpoint import load_model
 from must.cli import main
 from must.config import TeachConfig, load_config
+from must.data.source import DataSource
 from must.data.styles import load_style
 from must.errors import ConfigError, MustError
 from must.models.backbone import Backbone, BackboneConfig
@@ -221,10 +222,11 @@ def test_dataset_without_the_tasks_labels_is_refused(cache, tmp_path):
 
 
 def test_eval_refuses_other_vocabularies_and_disjoint_tasks(seg_teacher, cache):
+    style = {"num": 20, "render_size": 32, "cache": str(cache)}
     with pytest.raises(ConfigError, match="segmentation classes .* do not match"):
-        evaluate(seg_teacher, "novel", num=20, render_size=32, cache=str(cache), progress=False)
+        evaluate(seg_teacher, DataSource(dataset="novel", **style), progress=False)
     with pytest.raises(ConfigError, match="nothing to evaluate"):
-        evaluate(seg_teacher, "depth", num=20, render_size=32, cache=str(cache), progress=False)
+        evaluate(seg_teacher, DataSource(dataset="depth", **style), progress=False)
 
 
 def test_backbone_loads_local_torchvision_and_timm_state_dicts(tmp_path):

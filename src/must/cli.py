@@ -136,17 +136,15 @@ def _print_test(info: RunInfo, where: str) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from must.data.source import source_from_arguments
     from must.stages.evaluate import NothingToMeasure, evaluate, format_table
 
     try:
         results = evaluate(
             args.checkpoint,
-            args.data,
+            source_from_arguments(args.data, args),
             split=args.split,
             batch_size=args.batch_size,
-            num=args.num,
-            render_size=args.render_size,
-            cache=args.cache,
             image_size=args.image_size,
             resize=args.resize,
             predictions=args.predictions,
@@ -163,6 +161,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_label_run(args: argparse.Namespace) -> int:
+    from must.data.source import source_from_arguments
     from must.stages.label import LabelSettings, label_images
 
     settings = LabelSettings(
@@ -173,7 +172,7 @@ def _cmd_label_run(args: argparse.Namespace) -> int:
     )
     result = label_images(
         args.teacher,
-        args.images,
+        source_from_arguments(args.images, args),
         args.out,
         settings=settings,
         split=args.split,
@@ -185,10 +184,6 @@ def _cmd_label_run(args: argparse.Namespace) -> int:
         world_size=args.world_size,
         overwrite=args.overwrite,
         device=args.device,
-        cache=args.cache,
-        num=args.num,
-        render_size=args.render_size,
-        render_seed=args.seed,
         progress=not args.quiet,
     )
     print(result.summary())
@@ -336,6 +331,8 @@ LABEL_ACTIONS = ("run", "show", "stats")
 
 
 def _add_label_parser(verbs: argparse._SubParsersAction) -> None:
+    from must.data.source import add_source_arguments
+
     label = verbs.add_parser(
         "label",
         help="pseudo-label images with teachers into a store; show or summarise a store",
@@ -400,10 +397,7 @@ def _add_label_parser(verbs: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--overwrite", action="store_true", help="replace a store made with another config"
     )
-    run.add_argument("--cache", default="runs/data", help="where a style is rendered")
-    run.add_argument("--num", type=int, default=2000, help="images to render for a style")
-    run.add_argument("--render-size", type=int, default=64, help="render size for a style")
-    run.add_argument("--seed", type=int, default=0, help="render seed for a style")
+    add_source_arguments(run)
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_label_run, outputs={"out": "dir"})
 
@@ -436,6 +430,8 @@ def _training_verb(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from must.data.source import DataSource, add_source_arguments
+
     parser = argparse.ArgumentParser(
         prog="must", description="Multi-task self-training (MuST) for computer vision."
     )
@@ -554,9 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--image-size", type=int, default=None, help="default: the training size")
-    ev.add_argument("--num", type=int, default=1000, help="images to render for a style")
-    ev.add_argument("--render-size", type=int, default=64, help="render size for a style")
-    ev.add_argument("--cache", default="runs/data", help="where styles are rendered")
+    add_source_arguments(ev, DataSource(dataset="-", num=1000))
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_cmd_eval, outputs={"json": "file", "predictions": "file"})
 

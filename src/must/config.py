@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from must.data.source import DataSource
 from must.errors import ConfigError, describe_validation_error
 from must.extends import deep_merge, resolve_extends
 from must.models.backbone import RESNET, BackboneConfig
@@ -48,14 +49,11 @@ class AugmentConfig(_Strict):
     depth_scales_with_zoom: bool = True
 
 
-class DataConfig(_Strict):
-    # A dataset folder (manifest.json / dataset.yaml) or the name of a scene-world style,
-    # which is rendered once into ``cache``.
-    dataset: str
-    num: int = Field(2000, ge=1, description="images to render when dataset is a style")
-    render_size: int = Field(64, ge=16)
-    render_seed: int = 0
-    cache: str = "runs/data"
+class DataConfig(DataSource):
+    # Where the images come from (DataSource: a dataset folder, or a scene-world style with
+    # its render recipe and cache), then how they are read.
+    model_config = ConfigDict(extra="forbid")
+
     image_size: int = Field(64, ge=16, description="training/eval size after augmentation")
     # square: images resized/cropped to image_size x image_size; keep_aspect: the longer side
     # to image_size, aspect kept, batches padded; auto: keep_aspect for detection on a
@@ -157,15 +155,9 @@ class TeachConfig(_Strict):
     train: TrainConfig = TrainConfig()
 
 
-class LabeledSetConfig(_Strict):
+class LabeledSetConfig(DataSource):
     """A labelled dataset joined as it is (its own labels only, no pseudo labels): a folder,
-    or a style rendered into ``cache``, as in :class:`DataConfig`."""
-
-    dataset: str
-    num: int = Field(2000, ge=1)
-    render_size: int = Field(64, ge=16)
-    render_seed: int = 0
-    cache: str = "runs/data"
+    or a style rendered into ``cache`` (a :class:`~must.data.source.DataSource`)."""
 
 
 class StudentDataConfig(_Strict):

@@ -13,24 +13,22 @@ from must.checkpoint import load_model
 from must.config import DataConfig
 from must.data.formats import save_json
 from must.data.readers import MultiTaskDataset
+from must.data.source import DataSource, as_source
 from must.data.spec import load_spec
 from must.data.transforms import RESIZE_MODES
 from must.errors import ConfigError, DataError
 from must.summary import run_info
 from must.tasks.base import Task
 from must.tasks.detection import to_original
-from must.training.data import make_dataset, make_loader, prepare_dataset
+from must.training.data import make_dataset, make_loader
 
 
 def evaluate(
     checkpoint: str | Path,
-    data: str,
+    data: str | Path | DataSource,
     split: str | None = None,
     *,
     batch_size: int = 64,
-    num: int = 1000,
-    render_size: int = 64,
-    cache: str = "runs/data",
     image_size: int | None = None,
     resize: str = "auto",
     predictions: str | Path | None = None,
@@ -38,8 +36,8 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """Metrics per task for the tasks the checkpoint and the dataset share.
 
-    ``data`` is a dataset folder or a scene-world style (rendered with ``num`` images of
-    ``render_size`` pixels into ``cache``); ``split`` None: ``test``, or ``val`` where the
+    ``data`` is a dataset folder or a scene-world style (a :class:`DataSource`, or a path or
+    style name with the default render recipe); ``split`` None: ``test``, or ``val`` where the
     dataset has no test split. Vocabularies must match exactly. Detection is
     scored in each image's own pixels. ``predictions``: also write the detections as a COCO
     results JSON (see :func:`coco_results`).
@@ -49,15 +47,8 @@ def evaluate(
     size = image_size or info.image_size or 64
     if resize == "auto" and info.resize in RESIZE_MODES:
         resize = info.resize  # fitted as the model was trained
-    cfg = DataConfig(
-        dataset=data,
-        num=num,
-        render_size=render_size,
-        cache=cache,
-        image_size=size,
-        resize=resize,
-    )
-    root = prepare_dataset(cfg, progress=progress)
+    cfg = DataConfig(**as_source(data).recipe_fields(), image_size=size, resize=resize)
+    root = cfg.prepare(progress)
     if split is None:
         # As in training: the test split where there is one, else validation (stated).
         split = "test" if "test" in load_spec(root)[0].splits else "val"

@@ -40,6 +40,7 @@ from must.config import (
     presets_dir,
     same_run,
 )
+from must.data.source import DataSource
 from must.errors import ConfigError, MustError, nearest_line
 from must.files import write_bytes_atomic
 
@@ -62,13 +63,13 @@ class Step(_Strict):
     overrides: dict[str, Any] = {}
 
 
-class PoolConfig(_Strict):
+class PoolConfig(DataSource, _Strict):
     """The unlabelled pool every teacher labels (its train split), and SimCLR trains on."""
 
     dataset: str = "mixed"
     num: int = Field(2400, ge=1)
-    render_size: int = Field(64, ge=16)
     render_seed: int = 1
+    cache: str | None = None  # None: the experiment's data_cache
 
 
 class LabelStage(_Strict):
@@ -83,11 +84,12 @@ class LabelStage(_Strict):
     teacher_sets: bool = True
 
 
-class TransferStage(_Strict):
+class TransferStage(DataSource, _Strict):
+    # The downstream data (a DataSource), then what is transferred to it and how.
     dataset: str = "novel"
     num: int = Field(600, ge=1)
-    render_size: int = Field(64, ge=16)
     render_seed: int = 2
+    cache: str | None = None  # None: the experiment's data_cache
     tasks: list[TaskName] = ["classification", "detection", "segmentation", "depth", "normals"]
     # finetune: every weight trains; probe: the backbone stays fixed, the head trains.
     modes: list[Literal["finetune", "probe"]] = ["finetune", "probe"]
@@ -303,19 +305,13 @@ class Experiment:
         merge = _merge(step.overrides, {"data": {"cache": self.cache}, "train": _seed(self)})
         return load_config(TeachConfig, step.config, merge=merge)
 
-    def pool_folder(self) -> Path:
-        from must.config import DataConfig
-        from must.training.data import prepare_dataset
+    def source(self, data: DataSource) -> DataSource:
+        """The recipe of ``data`` alone, rendered into the experiment's cache unless it
+        names its own."""
+        return DataSource(**{**data.recipe_fields(), "cache": data.cache or self.cache})
 
-        p = self.cfg.pool
-        dcfg = DataConfig(
-            dataset=p.dataset,
-            num=p.num,
-            render_size=p.render_size,
-            render_seed=p.render_seed,
-            cache=self.cache,
-        )
-        return prepare_dataset(dcfg, progress=self.progress)
+    def pool_folder(self) -> Path:
+        return self.source(self.cfg.pool).prepare(progress=self.progress)
 
     def stores(self) -> list[Path]:
         extra = (
@@ -341,30 +337,14 @@ class Experiment:
         step = self.cfg.multitask
         datasets = []
         for task in self.cfg.teachers:
-            d = self.teacher_config(task).data
-            datasets.append(
-                {
-                    "dataset": d.dataset,
-                    "num": d.num,
-                    "render_size": d.render_size,
-                    "render_seed": d.render_seed,
-                    "cache": d.cache,
-                }
-            )
+            datasets.append(self.teacher_config(task).data.recipe_fields())
         merge = _merge(step.overrides, {"data": {"datasets": datasets}, "train": _seed(self)})
         return load_config(StudentConfig, step.config, merge=merge)
 
     def simclr_config(self) -> SimCLRConfig:
         assert self.cfg.simclr is not None
         step = self.cfg.simclr
-        p = self.cfg.pool
-        data = {
-            "dataset": p.dataset,
-            "num": p.num,
-            "render_size": p.render_size,
-            "render_seed": p.render_seed,
-            "cache": self.cache,
-        }
+        data = self.source(self.cfg.pool).recipe_fields()
         merge = _merge(step.overrides, {"data": data, "train": _seed(self)})
         return load_config(SimCLRConfig, step.config, merge=merge)
 
@@ -383,13 +363,7 @@ class Experiment:
             t.probe if mode == "probe" else {},
             {
                 "task": task,
-                "data": {
-                    "dataset": t.dataset,
-                    "num": t.num,
-                    "render_size": t.render_size,
-                    "render_seed": t.render_seed,
-                    "cache": self.cache,
-                },
+                "data": self.source(t).recipe_fields(),
                 "init": self.backbone_path(backbone),
                 "freeze_backbone": mode == "probe",
                 "train": _seed(self),
@@ -449,14 +423,12 @@ class Experiment:
                 )
             )
             if lb.teacher_sets:
-                from must.training.data import prepare_dataset
-
                 for task in cfg.teachers:
                     d = out / "stores" / task
                     data = self.teacher_config(task).data
 
                     def run(d: Path = d, data=data) -> Any:
-                        folder = prepare_dataset(data, progress=progress)
+                        folder = data.prepare(progress=progress)
                         return label_images(teachers, folder, d, keep_real=True, **common)
 
                     jobs.append(Job(stage, task, d, run, _store_done(d)))

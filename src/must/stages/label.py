@@ -46,6 +46,7 @@ from must.data.readers import (
     read_image,
     walk_files,
 )
+from must.data.source import DataSource, as_source, is_dataset_folder
 from must.errors import ConfigError, DataError
 from must.files import file_sha256
 from must.models.model import MultiTaskModel
@@ -217,49 +218,30 @@ def walk_images(root: Path) -> list[Path]:
 
 
 def resolve_images(
-    source: str | Path,
+    source: str | Path | DataSource,
     *,
     split: str = "train",
     keep_real_tasks: Sequence[str] | None = None,
-    cache: str | Path = "runs/data",
-    num: int = 2000,
-    render_size: int = 64,
-    render_seed: int = 0,
     progress: bool = True,
 ) -> ImageSet:
     """The image list of ``source``: a dataset folder (its ``split``), a folder tree of images
-    (ImageFolder included), or a scene-world style rendered into ``cache``.
+    (ImageFolder included), or a scene-world style rendered by its recipe (a
+    :class:`DataSource`; a bare name gets the default recipe).
 
     ``keep_real_tasks``: read the real labels of these tasks (dataset folders only).
     """
-    from must.training.data import is_dataset_folder, prepare_dataset
-
-    path = Path(source)
+    source = as_source(source)
+    path = Path(source.dataset)
     style = None
     if not path.exists():
-        from pydantic import ValidationError
-
-        from must.config import DataConfig
-        from must.errors import describe_validation_error
-
         # Not a path: a scene-world style (load_style refuses unknown names, listing them).
         try:
-            cfg = DataConfig(
-                dataset=str(source),
-                num=num,
-                render_size=render_size,
-                render_seed=render_seed,
-                cache=str(cache),
-            )
-        except ValidationError as err:
-            raise ConfigError(
-                f"rendering style {source!r}:\n{describe_validation_error(err)}"
-            ) from err
-        try:
-            path = prepare_dataset(cfg, progress=progress)
+            path = source.prepare(progress)
         except ConfigError as err:
-            raise ConfigError(f"{source}: no such file or folder, nor a style: {err}") from err
-        style = str(source)
+            raise ConfigError(
+                f"{source.dataset}: no such file or folder, nor a style: {err}"
+            ) from err
+        style = source.dataset
     if is_dataset_folder(path):
         tasks = list(keep_real_tasks or [])
         dataset = MultiTaskDataset(path, split=split, tasks=tasks, on_error="raise")
@@ -635,7 +617,7 @@ def _finalize(writer: ShardWriter) -> tuple[bool, int]:
 
 def label_images(
     teachers: Sequence[str | Path],
-    images: str | Path,
+    images: str | Path | DataSource,
     out: str | Path,
     *,
     settings: LabelSettings | None = None,
@@ -648,10 +630,6 @@ def label_images(
     world_size: int | None = None,
     overwrite: bool = False,
     device: str | torch.device | None = None,
-    cache: str | Path = "runs/data",
-    num: int = 2000,
-    render_size: int = 64,
-    render_seed: int = 0,
     progress: bool = True,
 ) -> LabelResult:
     """Label ``images`` with ``teachers`` into the store ``out`` (see the module docstring).
@@ -677,10 +655,6 @@ def label_images(
         images,
         split=split,
         keep_real_tasks=list(task_objs) if keep_real else None,
-        cache=cache,
-        num=num,
-        render_size=render_size,
-        render_seed=render_seed,
         progress=progress,
     )
     stored = settings.for_tasks(list(task_objs), keep_real)

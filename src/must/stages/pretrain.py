@@ -27,7 +27,7 @@ from must.models.backbone import Backbone
 from must.models.model import MultiTaskModel
 from must.stages.common import claim_output
 from must.summary import RunInfo
-from must.training.data import make_loader, prepare_dataset
+from must.training.data import make_loader
 from must.training.fit import end_other_processes, fit, make_trainer, train_seconds
 from must.training.module import NonFiniteLossError, optimizer_and_schedule
 
@@ -102,7 +102,7 @@ def pretrain_simclr(
     if claim_output(out, dump_yaml(cfg), overwrite):
         print(f"{out}: this backbone is already pre-trained; nothing to do")
         return json.loads((out / SUMMARY_FILE).read_text())
-    root = prepare_dataset(cfg.data, progress=progress)
+    root = cfg.data.prepare(progress)
     images = MultiTaskDataset(root, split="train", tasks=[])
     pairs = TwoViews(images, simclr_views(cfg.views, cfg.data.image_size))
     tc = cfg.train

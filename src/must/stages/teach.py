@@ -18,7 +18,7 @@ from must.models.model import MultiTaskModel
 from must.stages.common import claim_output
 from must.summary import RunInfo
 from must.tasks import build_task
-from must.training.data import make_dataset, make_loader, prepare_dataset, print_notes, require_task
+from must.training.data import make_dataset, make_loader, print_notes, require_task
 from must.training.fit import fit_and_test
 from must.training.module import MultiTaskModule
 
@@ -54,7 +54,7 @@ def teach(
     if claim_output(out, dump_yaml(cfg), overwrite):
         print(f"{out}: this {stage} run is already trained; nothing to do")
         return json.loads((out / SUMMARY_FILE).read_text())
-    root = prepare_dataset(cfg.data, progress=progress)
+    root = cfg.data.prepare(progress)
     train_set = make_dataset(root, "train", cfg.data, train=True, tasks=[cfg.task])
     require_task(train_set, cfg.task, f"it has: {', '.join(train_set.tasks) or 'no labels'}")
     classes = train_set.classes.get(cfg.task)

@@ -30,7 +30,6 @@ from must.training.data import (
     augmentation,
     make_dataset,
     make_loader,
-    prepare_dataset,
     print_notes,
 )
 from must.training.fit import fit_and_test, resolve_precision
@@ -76,7 +75,7 @@ def open_datasets(cfg: StudentConfig, progress: bool) -> list[MultiTaskDataset]:
         dcfg = DataConfig(
             **spec.model_dump(), image_size=cfg.data.image_size, augment=cfg.data.augment
         )
-        ds = make_dataset(prepare_dataset(dcfg, progress), "train", dcfg, train=True)
+        ds = make_dataset(dcfg.prepare(progress), "train", dcfg, train=True)
         if not ds.tasks:
             why = "; ".join(ds.unusable.values())
             raise ConfigError(

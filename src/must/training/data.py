@@ -16,44 +16,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from must.config import AugmentConfig, DataConfig
 from must.data.readers import MultiTaskDataset
-from must.data.spec import MANIFEST_NAMES
+from must.data.source import is_dataset_folder
 from must.data.transforms import build_transforms
 from must.errors import ConfigError, DataError
 from must.tasks.base import Batch, Task
-
-
-def is_dataset_folder(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_file() or any((path / n).is_file() for n in MANIFEST_NAMES)
-
-
-def prepare_dataset(cfg: DataConfig, progress: bool = True) -> Path:
-    """The dataset folder for ``cfg.dataset``: a folder as given, or a style rendered once
-    into the cache (reused by every later run with the same settings)."""
-    if is_dataset_folder(cfg.dataset):
-        return Path(cfg.dataset)
-    if Path(cfg.dataset).is_dir():
-        raise ConfigError(
-            f"{cfg.dataset}: this folder has no {' or '.join(MANIFEST_NAMES[:2])} describing "
-            "its splits and labels; write a dataset.yaml (see docs/data.md, 'Your own data'), "
-            "or give a scene-world style name"
-        )
-    from must.data.render import render_dataset
-    from must.data.styles import load_style
-
-    style = load_style(cfg.dataset)  # refuses unknown names with the list of styles
-    out = Path(cfg.cache) / f"{style.name}_n{cfg.num}_px{cfg.render_size}_seed{cfg.render_seed}"
-    render_dataset(
-        cfg.dataset,
-        out,
-        cfg.num,
-        cfg.render_size,
-        seed=cfg.render_seed,
-        workers=min(2, torch.get_num_threads()),
-        progress=progress,
-    )
-    return out
-
 
 # Fill of each dense key when a batch is padded: nothing a loss or metric counts (black
 # image, the segmentation ignore value, invalid depth and normals, no instance).
