@@ -17,8 +17,7 @@ from must.summary import RunInfo
 from must.tasks import build_task
 from must.training.data import Collator
 from must.training.module import MultiTaskModule
-from must.training.pcgrad import PCGrad, project_conflicting
-from must.training.weighting import (
+from must.weighting import (
     WEIGHTINGS,
     DynamicWeightAverage,
     FixedWeights,
@@ -28,6 +27,7 @@ from must.training.weighting import (
     must_weights,
     register_weighting,
 )
+from must.weighting.pcgrad import PCGrad, project_conflicting
 from tiny import TINY_MODEL
 
 
@@ -98,7 +98,7 @@ def test_unknown_weighting_names_are_refused_listing_the_known_ones():
 
 
 def test_a_registered_weighting_is_accepted_by_the_config_and_built(monkeypatch):
-    import must.training.weighting as registry
+    import must.weighting as registry
 
     monkeypatch.setattr(registry, "WEIGHTINGS", dict(WEIGHTINGS))  # restored after the test
 

@@ -15,16 +15,21 @@ run code) and :func:`convert_model` turns a trusted one into the new format.
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from must.errors import ConfigError
-from must.files import file_sha256, write_atomic
+from must.files import (
+    file_sha256,
+    old_format_message,
+    read_metadata,
+    read_tensors,
+    torch_load,
+    write_atomic,
+)
 from must.models.backbone import RESNET, BackboneConfig
 from must.models.model import MultiTaskModel
 from must.summary import RunInfo
@@ -74,14 +79,6 @@ def save_model(model: MultiTaskModel, out_dir: str | Path, info: RunInfo | dict[
     return model_file
 
 
-def old_format_message(old: Path) -> str:
-    return (
-        f"{old}: an older pickled must model file, refused because loading a pickle can run "
-        f"code; if you trust where it came from, convert it with: must convert-model {old} "
-        "--out DIR"
-    )
-
-
 def resolve_model_file(path: str | Path) -> Path:
     """The ``model.safetensors`` of a checkpoint directory, or the file itself. An older
     pickled ``model.pt`` is refused with how to convert it (it is not opened)."""
@@ -102,15 +99,6 @@ def resolve_model_file(path: str | Path) -> Path:
     return path
 
 
-def read_metadata(file: Path) -> dict[str, str] | None:
-    """The metadata of a safetensors file (its header only; no tensor is read)."""
-    try:
-        with safe_open(str(file), "pt") as f:
-            return f.metadata()
-    except (SafetensorError, OSError) as err:
-        raise ConfigError(f"{file}: not a readable safetensors file: {err}") from err
-
-
 def _must_payload(file: Path) -> dict[str, Any] | None:
     """The JSON payload of a must model file, None for other (plain) safetensors files."""
     meta = read_metadata(file) or {}
@@ -128,14 +116,6 @@ def _must_payload(file: Path) -> dict[str, Any] | None:
     if not isinstance(payload, dict) or not {"backbone", "tasks"} <= payload.keys():
         raise ConfigError(f"{file}: its metadata lacks the backbone and task settings")
     return payload
-
-
-def read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(file), "pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError) as err:
-        raise ConfigError(f"{file}: cannot read its tensors: {err}") from err
 
 
 def load_model(path: str | Path) -> tuple[MultiTaskModel, dict[str, Any]]:
@@ -159,24 +139,6 @@ def _load_state(model: MultiTaskModel, state: dict[str, torch.Tensor], file: Pat
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise ConfigError(f"{file}: its weights do not fit its own settings: {first}") from err
-
-
-def torch_load(file: str | Path, what: str = "file", mmap: bool = False) -> Any:
-    """``torch.load`` of a file from elsewhere, restricted to tensors and plain values
-    (``weights_only=True``): a pickle that names any other Python object is refused, so
-    loading never runs code. Every failure is one line naming the file."""
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        raise ConfigError(
-            f"{file}: refused: this {what} holds Python objects other than tensors and plain "
-            "values, and loading it could run code"
-        ) from err
-    except Exception as err:  # truncated, not a torch file, unreadable: name the file
-        first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise ConfigError(
-            f"{file}: cannot read this {what} (damaged or incomplete?): {first}"
-        ) from err
 
 
 def check_init(path: str | Path) -> tuple[Path, dict[str, Any] | None]:

@@ -178,7 +178,7 @@ class StudentDataConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    # A registered weighting (must.training.weighting): must, equal, fixed, uncertainty, dwa,
+    # A registered weighting (must.weighting): must, equal, fixed, uncertainty, dwa,
     # pcgrad. must: w_i = (b_s * lr_i) / (b_i * lr_s) from the teachers' batch sizes and
     # learning rates, with ``hand`` weights for the tasks MuST sets by hand (depth).
     kind: str = "must"
@@ -190,7 +190,7 @@ class LossConfig(_Strict):
     @field_validator("kind")
     @classmethod
     def _kind_is_registered(cls, kind: str) -> str:
-        from must.training.weighting import weighting_names
+        from must.weighting import weighting_names
 
         names = weighting_names()
         if kind not in names:

@@ -27,6 +27,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from must.errors import ConfigError
 from must.features import FUSED, LAST_STAGE, LEVEL_STRIDES, LEVELS, FeatureSpec
+from must.files import old_format_message, read_metadata, read_tensors, torch_load
 
 # depth -> (block, blocks per stage)
 RESNET_LAYOUTS = {
@@ -373,16 +374,14 @@ def load_resnet_weights(body: nn.Module, path: str | Path) -> None:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a weights file: safetensors, or a torch file read with ``weights_only=True``
     (never a full unpickling: a file from elsewhere must not run code)."""
-    from must import checkpoint  # the file readers live there (it imports this module)
-
     if not path.is_file():
         raise ConfigError(f"{path}: no such weights file")
     if path.suffix == ".safetensors":
-        checkpoint.read_metadata(path)  # a damaged header: one line naming the file
-        return checkpoint.read_tensors(path)
-    obj = checkpoint.torch_load(path, "weights file")
+        read_metadata(path)  # a damaged header: one line naming the file
+        return read_tensors(path)
+    obj = torch_load(path, "weights file")
     if isinstance(obj, dict) and str(obj.get("format", "")).startswith("must-model"):
-        raise ConfigError(checkpoint.old_format_message(path))
+        raise ConfigError(old_format_message(path))
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

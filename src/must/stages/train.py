@@ -34,7 +34,7 @@ from must.training.data import (
 )
 from must.training.fit import fit_and_test, resolve_precision
 from must.training.module import MultiTaskModule
-from must.training.weighting import (
+from must.weighting import (
     LossWeighting,
     WeightingContext,
     build_weighting,

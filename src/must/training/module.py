@@ -15,7 +15,7 @@ from must.config import TrainConfig
 from must.errors import MustError
 from must.models.model import MultiTaskModel
 from must.tasks.base import Batch
-from must.training.weighting import FixedWeights, LossWeighting, refuse_own_backward
+from must.weighting import FixedWeights, LossWeighting, refuse_own_backward
 
 # Values (and references) of the multi-task selection score below this count as this: 0.01
 # is chance level or worse for top-1, mAP and mIoU, and far better than any depth abs_rel or

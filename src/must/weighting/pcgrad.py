@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from must.training.weighting import LossWeighting, WeightingContext, register_weighting
+from must.weighting import LossWeighting, WeightingContext, register_weighting
 
 
 def project_conflicting(

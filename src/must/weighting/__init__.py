@@ -198,7 +198,7 @@ class WeightingContext:
 WeightingBuilder = Callable[[WeightingContext], LossWeighting]
 WEIGHTINGS: dict[str, WeightingBuilder] = {}
 # Modules of this package whose weightings register themselves when imported.
-BUILTIN_MODULES = ("must.training.pcgrad",)
+BUILTIN_MODULES = ("must.weighting.pcgrad",)
 
 
 def register_weighting(name: str) -> Callable[[WeightingBuilder], WeightingBuilder]:
