@@ -477,6 +477,8 @@ class CocoLabels(LabelSource):
                     crowd_boxes.append(box)
                     continue
                 mask = _decode_mask(seg, box, height, width) if masks else None
+                if not masks and bad_anns is not None and seg is not None:
+                    _rle(seg, height, width)  # checked without decoding: a bad one is skipped
                 area = det.areas[i]
                 if area is None:
                     area = _mask_area(seg, box, height, width)

@@ -64,7 +64,8 @@ class MultiTaskDataset(Dataset):
     ``subset`` keeps a seeded random subset of the images (a count, or a fraction in (0, 1]);
     ``subset`` is then ``{"images", "of", "seed"}`` on the reader, else None.
     ``masks``: decode ``instance_masks`` (off by default: no head reads them, and decoding
-    every mask of every image is costly; drawing and random crops ask for them).
+    every mask of every image is costly; drawing and random crops ask for them). Without
+    them, skip mode checks each mask's structure without decoding it.
     """
 
     def __init__(
@@ -273,8 +274,8 @@ class MultiTaskDataset(Dataset):
         def attempt(entry: Entry):
             bad_anns: dict[str, list] = {}
             try:
-                # Masks decoded once here, so a bad one is found whatever reads them later.
-                sample = self._read(entry, bad_anns, masks=True)
+                # Masks decoded only when they are read (else their structure is checked).
+                sample = self._read(entry, bad_anns)
             except DataError as err:
                 return err, bad_anns, None
             except Exception as err:  # anything else still names the sample's image
