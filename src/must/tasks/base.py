@@ -13,6 +13,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -95,6 +96,75 @@ class Task(ABC):
     higher_is_better: ClassVar[bool]
     needs_classes: ClassVar[bool] = True
     config_type: ClassVar[type[TaskConfig]] = TaskConfig
+
+    # -- label files: what the dataset readers and the renderer (``must.data``, docs/data.md)
+    # ask of a task. ``source`` is the task's entry of a split in the dataset description
+    # (format and settings), ``image_size`` an image's (W, H), ``options`` the renderer's
+    # ``WriteOptions``, ``sample`` a rendered scene (``must.data.sample.SceneSample``).
+    # Labels in COCO instances: "instances" (boxes, masks) or "class_map" (rasterised); None: no.
+    coco_labels: ClassVar[str | None] = None
+
+    @classmethod
+    def file_hook_missing(cls, hook: str) -> str:
+        return (
+            f"task {cls.name!r} has no {hook} hook: its labels cannot be read from or "
+            "written to dataset files"
+        )
+
+    @classmethod
+    def label_file_suffix(cls, source: Any) -> str:
+        """The extension of this task's label files under ``source``."""
+        return ".npy" if getattr(source, "format", "png") == "npy" else ".png"
+
+    @classmethod
+    def read_label_file(
+        cls, path: Path, image_size: tuple[int, int], source: Any, classes: list[str]
+    ) -> dict[str, np.ndarray]:
+        """One image's label file -> its label entries as NumPy arrays (sample-dict keys);
+        raises ``DataError`` naming the file."""
+        raise NotImplementedError(cls.file_hook_missing("read_label_file"))
+
+    @classmethod
+    def label_entries(cls, labels: Mapping[str, Any], canvas_size: tuple[int, int]) -> dict:
+        """The NumPy label entries a reader decoded -> the sample-dict entries (tensors) of an
+        image of ``canvas_size`` (H, W)."""
+        return {k: torch.as_tensor(v) for k, v in labels.items() if k in cls.label_keys}
+
+    @classmethod
+    def rendered_image_folder(cls, sample: Any, options: Any, where: Path) -> str | None:
+        """The folder under ``images/{split}`` a rendered image goes in (None: no folder)."""
+        return None
+
+    @classmethod
+    def image_folder_names(cls, classes: list[str]) -> list[str]:
+        """Every folder ``rendered_image_folder`` may choose, for ``classes``."""
+        return []
+
+    @classmethod
+    def check_render_options(cls, classes: list[str], options: Any) -> None:
+        """Refuse (``ConfigError``) render options this task cannot write."""
+        return None  # nothing to refuse unless the task says so
+
+    @classmethod
+    def write_label_file(
+        cls, sample: Any, root: Path, split: str, key: str, options: Any, where: Path
+    ) -> dict:
+        """Write one rendered sample's label file(s) of this task under ``root``; returns what
+        ``rendered_source`` / ``rendered_format`` need of it later (picklable)."""
+        raise NotImplementedError(cls.file_hook_missing("write_label_file"))
+
+    @classmethod
+    def rendered_source(
+        cls, split: str, records: list[dict], root: Path, options: Any
+    ) -> dict[str, Any]:
+        """The task's source of ``split`` in the rendered dataset's description (writing the
+        split's shared label files, if any, from ``records``)."""
+        raise NotImplementedError(cls.file_hook_missing("rendered_source"))
+
+    @classmethod
+    def rendered_format(cls, records: Mapping[str, list[dict]], options: Any) -> Any:
+        """How the renderer encodes this task's labels (the manifest's ``meta.formats``)."""
+        raise NotImplementedError(cls.file_hook_missing("rendered_format"))
 
     def __init__(self, classes: list[str] | None = None, config: TaskConfig | None = None) -> None:
         if self.needs_classes and not classes:

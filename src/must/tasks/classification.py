@@ -10,6 +10,7 @@ are present. Target (from :meth:`ClassificationTask.collate`): ``{"probs": (B, K
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,8 @@ from pydantic import Field
 from torch import nn
 from torchmetrics import Metric
 
+from must import imageio
+from must.errors import ConfigError, DataError
 from must.features import LAST_STAGE, FeatureSpec, require
 from must.tasks.base import Task, TaskConfig, TaskHead, full_precision
 
@@ -99,6 +102,44 @@ class ClassificationTask(Task):
     higher_is_better = True
     config_type = ClassificationConfig
     config: ClassificationConfig
+
+    # -- label files (see Task): class folders (ImageFolder) or class tables; the renderer
+    # puts each image in its class's folder and writes no label file.
+    @classmethod
+    def rendered_image_folder(cls, sample: Any, options: Any, where: Path) -> str | None:
+        label, classes = int(sample.image_label), options.classes_of(cls.name)
+        if not 0 <= label < len(classes):
+            raise DataError(
+                where,
+                f"image_label {label} is not an index of the {len(classes)} {cls.name} classes",
+            )
+        return classes[label]
+
+    @classmethod
+    def image_folder_names(cls, classes: list[str]) -> list[str]:
+        return [c for c in classes if imageio.is_folder_name(c)]
+
+    @classmethod
+    def check_render_options(cls, classes: list[str], options: Any) -> None:
+        for name in classes:
+            if not imageio.is_folder_name(name):
+                raise ConfigError(f"{cls.name} class {name!r} cannot be used as a folder name")
+
+    @classmethod
+    def write_label_file(
+        cls, sample: Any, root: Path, split: str, key: str, options: Any, where: Path
+    ) -> dict:
+        return {}  # the image's folder is its label
+
+    @classmethod
+    def rendered_source(
+        cls, split: str, records: list[dict], root: Path, options: Any
+    ) -> dict[str, Any]:
+        return {}  # ImageFolder under the split's images folder
+
+    @classmethod
+    def rendered_format(cls, records: Mapping[str, list[dict]], options: Any) -> Any:
+        return "ImageFolder: images/{split}/{class_name}/{key}.png"
 
     def has_label(self, sample: dict) -> bool:
         return "classification" in sample or SOFT_KEY in sample

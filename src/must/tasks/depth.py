@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from pydantic import Field, model_validator
 from torchmetrics import Metric
 
+from must import imageio
 from must.data.transforms import Depth
 from must.features import FeatureSpec
 from must.tasks.base import TaskHead, full_precision, label_size
@@ -180,6 +183,45 @@ class DepthTask(PixelTask):
     needs_classes = False
     config_type = DepthConfig
     config: DepthConfig
+
+    # -- label files (see Task): one 16-bit greyscale PNG per image, metres = value / scale
+    # (NYU/KITTI/TUM store millimetres: scale 1000), 0 = invalid.
+    @classmethod
+    def read_label_file(
+        cls, path: Path, image_size: tuple[int, int], source: Any, classes: list[str]
+    ) -> dict[str, np.ndarray]:
+        depth = imageio.read_depth_png(
+            path, image_size, source.scale, source.invalid, source.max_depth, cls.name
+        )
+        return {cls.name: depth}
+
+    @classmethod
+    def label_entries(cls, labels: Mapping[str, Any], canvas_size: tuple[int, int]) -> dict:
+        return {cls.name: Depth(torch.from_numpy(labels[cls.name])[None])}
+
+    @classmethod
+    def write_label_file(
+        cls, sample: Any, root: Path, split: str, key: str, options: Any, where: Path
+    ) -> dict:
+        """Returns ``overflow``: pixels written as invalid, too far for 16 bits."""
+        value, overflow = imageio.encode_depth(np.asarray(sample.depth), options.depth_scale)
+        imageio.save_png(Image.fromarray(value), root / cls.name / split / f"{key}.png")
+        return {"depth_overflow": overflow}
+
+    @classmethod
+    def rendered_source(
+        cls, split: str, records: list[dict], root: Path, options: Any
+    ) -> dict[str, Any]:
+        return {"root": f"{cls.name}/{split}", "scale": options.depth_scale}
+
+    @classmethod
+    def rendered_format(cls, records: Mapping[str, list[dict]], options: Any) -> Any:
+        overflow = sum(int(r.get("depth_overflow", 0)) for recs in records.values() for r in recs)
+        return {
+            "encoding": "16-bit grayscale PNG, metres = value / scale, 0 = invalid",
+            "scale": options.depth_scale,
+            "overflow_pixels": overflow,
+        }
 
     def build_head(self, features: Mapping[str, FeatureSpec]) -> TaskHead:
         return DepthHead(config=self.config, **self.head_kwargs(features))

@@ -16,13 +16,16 @@ image, ``{"boxes": (n, 4) float32, "labels": (n,) int64 (0-based), "scores": (n,
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
@@ -35,8 +38,9 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.transforms.v2.functional import convert_bounding_box_format
 
-from must.errors import ConfigError
+from must.errors import ConfigError, DataError
 from must.features import LEVEL_STRIDES, LEVELS, FeatureSpec, require
+from must.files import write_atomic
 from must.tasks.base import Task, TaskConfig, TaskHead
 
 LOSS_NAMES = {
@@ -410,6 +414,92 @@ class DetectionTask(Task):
     higher_is_better = True
     config_type = DetectionConfig
     config: DetectionConfig
+
+    # -- label files (see Task): COCO JSON (boxes, instance masks as RLE or polygons); the
+    # renderer writes one COCO file per split, masks as compressed RLE.
+    coco_labels = "instances"
+
+    @classmethod
+    def label_entries(cls, labels: Mapping[str, Any], canvas_size: tuple[int, int]) -> dict:
+        out = {
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.from_numpy(labels["boxes"]), format="XYXY", canvas_size=canvas_size
+            ),
+            "box_labels": torch.from_numpy(labels["box_labels"]),
+            "box_areas": torch.from_numpy(labels["box_areas"]),
+            "crowd_boxes": tv_tensors.BoundingBoxes(
+                torch.from_numpy(labels["crowd_boxes"]), format="XYXY", canvas_size=canvas_size
+            ),
+            "crowd_labels": torch.from_numpy(labels["crowd_labels"]),
+        }
+        if "instance_masks" in labels:
+            out["instance_masks"] = tv_tensors.Mask(torch.from_numpy(labels["instance_masks"]))
+        return out
+
+    @classmethod
+    def write_label_file(
+        cls, sample: Any, root: Path, split: str, key: str, options: Any, where: Path
+    ) -> dict:
+        """The sample's COCO annotations (without ids), written by ``rendered_source``."""
+        classes = options.classes_of(cls.name)
+        anns = []
+        for box, label, mask in zip(
+            sample.boxes, sample.box_labels, sample.instance_masks(), strict=True
+        ):
+            label = int(label)
+            if not 0 <= label < len(classes):
+                raise DataError(
+                    where,
+                    f"box label {label} is not an index of the {len(classes)} {cls.name} classes",
+                )
+            x1, y1, x2, y2 = (float(v) for v in box)
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            anns.append(
+                {
+                    "category_id": label + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": int(mask.sum()),
+                    "iscrowd": 0,
+                    "segmentation": {
+                        "size": [int(s) for s in rle["size"]],
+                        "counts": rle["counts"].decode("ascii"),
+                    },
+                }
+            )
+        return {"annotations": anns}
+
+    @classmethod
+    def rendered_source(
+        cls, split: str, records: list[dict], root: Path, options: Any
+    ) -> dict[str, Any]:
+        """Writes ``{task}/{split}.json``: images and annotations numbered from 1 in the order
+        of ``records``."""
+        images, annotations = [], []
+        for image_id, rec in enumerate(records, start=1):
+            images.append(
+                {
+                    "id": image_id,
+                    "file_name": rec["file_name"],
+                    "width": rec["width"],
+                    "height": rec["height"],
+                }
+            )
+            for ann in rec.get("annotations", []):
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
+        classes = options.classes_of(cls.name)
+        categories = [{"id": i + 1, "name": name} for i, name in enumerate(classes)]
+        coco = {"images": images, "annotations": annotations, "categories": categories}
+        path = f"{cls.name}/{split}.json"
+        text = json.dumps(coco)
+        write_atomic(root / path, lambda tmp: tmp.write_text(text))
+        return {"annotations": path}
+
+    @classmethod
+    def rendered_format(cls, records: Mapping[str, list[dict]], options: Any) -> Any:
+        return (
+            "COCO JSON; category_id = class index + 1; bbox [x, y, w, h] pixels; "
+            "segmentation: compressed RLE"
+        )
 
     @property
     def size_divisor(self) -> int:

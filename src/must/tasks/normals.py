@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchmetrics import Metric
 
+from must import imageio
 from must.features import FeatureSpec
 from must.tasks.base import TaskHead, full_precision
 from must.tasks.pixel import PixelHead, PixelTask, collate_dense, target_field
@@ -138,6 +142,41 @@ class NormalsTask(PixelTask):
     primary_metric = "mean_angle"
     higher_is_better = False
     needs_classes = False
+
+    # -- label files (see Task): one 8-bit RGB PNG per image, n = v / 255 * 2 - 1, or a float
+    # (H, W, 3) .npy; (0, 0, 0) = invalid. Camera frame: x right, y down, z forward.
+    @classmethod
+    def read_label_file(
+        cls, path: Path, image_size: tuple[int, int], source: Any, classes: list[str]
+    ) -> dict[str, np.ndarray]:
+        return {cls.name: imageio.read_normals_file(path, image_size, cls.name)}
+
+    @classmethod
+    def label_entries(cls, labels: Mapping[str, Any], canvas_size: tuple[int, int]) -> dict:
+        from must.data.transforms import Normals  # the dense tv_tensor types' home for now
+
+        return {cls.name: Normals(torch.from_numpy(labels[cls.name]))}
+
+    @classmethod
+    def write_label_file(
+        cls, sample: Any, root: Path, split: str, key: str, options: Any, where: Path
+    ) -> dict:
+        rgb = imageio.encode_normals(np.asarray(sample.normals))
+        imageio.save_png(Image.fromarray(rgb), root / cls.name / split / f"{key}.png")
+        return {}
+
+    @classmethod
+    def rendered_source(
+        cls, split: str, records: list[dict], root: Path, options: Any
+    ) -> dict[str, Any]:
+        return {"root": f"{cls.name}/{split}", "format": "png"}
+
+    @classmethod
+    def rendered_format(cls, records: Mapping[str, list[dict]], options: Any) -> Any:
+        return {
+            "encoding": "8-bit RGB PNG, n = v / 255 * 2 - 1, (0, 0, 0) = invalid",
+            "frame": "camera: x right, y down, z forward",
+        }
 
     def build_head(self, features: Mapping[str, FeatureSpec]) -> TaskHead:
         return NormalsHead(**self.head_kwargs(features))

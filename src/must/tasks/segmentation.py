@@ -10,6 +10,7 @@ Predictions: logits (B, K, H, W).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 from torchvision import tv_tensors
 
+from must import imageio
+from must.errors import ConfigError, DataError
 from must.features import FeatureSpec
 from must.tasks.base import TaskHead, full_precision, label_size
 from must.tasks.pixel import (
@@ -123,6 +126,58 @@ class SegmentationTask(PixelTask):
     higher_is_better = True
     config_type = SegmentationConfig
     config: SegmentationConfig
+
+    # -- label files (see Task): one class map per image (PNG of mode L or P, value = class
+    # index), or rasterised from COCO instances; the renderer writes VOC-palette PNGs.
+    coco_labels = "class_map"
+
+    @classmethod
+    def read_label_file(
+        cls, path: Path, image_size: tuple[int, int], source: Any, classes: list[str]
+    ) -> dict[str, np.ndarray]:
+        values = imageio.read_class_map(
+            path, image_size, len(classes), source.ignore_index, source.reduce_zero_label, cls.name
+        )
+        return {cls.name: values}
+
+    @classmethod
+    def label_entries(cls, labels: Mapping[str, Any], canvas_size: tuple[int, int]) -> dict:
+        return {cls.name: tv_tensors.Mask(torch.from_numpy(labels[cls.name]))}
+
+    @classmethod
+    def check_render_options(cls, classes: list[str], options: Any) -> None:
+        if len(classes) > options.ignore_index:
+            raise ConfigError(
+                f"{len(classes)} {cls.name} classes do not fit in an 8-bit "
+                f"PNG below the ignore value {options.ignore_index}"
+            )
+
+    @classmethod
+    def write_label_file(
+        cls, sample: Any, root: Path, split: str, key: str, options: Any, where: Path
+    ) -> dict:
+        path = root / cls.name / split / f"{key}.png"
+        values = np.asarray(sample.semantic)
+        classes = options.classes_of(cls.name)
+        if values.size and int(values.max()) >= len(classes):
+            raise DataError(
+                path, f"semantic class {int(values.max())} >= {len(classes)} {cls.name} classes"
+            )
+        imageio.save_class_map(values, path, options.ignore_index)
+        return {}
+
+    @classmethod
+    def rendered_source(
+        cls, split: str, records: list[dict], root: Path, options: Any
+    ) -> dict[str, Any]:
+        return {"root": f"{cls.name}/{split}", "ignore_index": options.ignore_index}
+
+    @classmethod
+    def rendered_format(cls, records: Mapping[str, list[dict]], options: Any) -> Any:
+        return {
+            "encoding": "PNG mode P (VOC palette), value = class index",
+            "ignore_index": options.ignore_index,
+        }
 
     def build_head(self, features: Mapping[str, FeatureSpec]) -> TaskHead:
         return SegmentationHead(
