@@ -185,12 +185,12 @@ class NormalsTask(PixelTask):
         input_size: tuple[int, int],
         settings: Mapping[str, Any],
     ) -> dict[str, np.ndarray]:
-        """Unit vectors (3, h, w) -> bilinearly resized to the label size, renormalised
-        (interpolating unit vectors shortens them); a pixel whose resized vector all but
-        vanishes (opposite neighbours) is stored invalid."""
+        """Unit vectors (3, h, w) -> bilinearly resized to the label size and renormalised
+        (interpolating unit vectors shortens them); only a vector that vanishes entirely
+        (exactly opposite neighbours) is stored invalid."""
         size = label_size(image_size, float(settings.get("label_scale", 1.0)))
         n = torch.as_tensor(prediction).float().reshape(1, 3, *np.shape(prediction)[-2:])
-        return {"normals": _unit_or_zero(resize_to(n, size)[0])}
+        return {"normals": _unit_or_zero(resize_to(n, size)[0], 1e-6)}
 
     def label_to_store(
         self, sample: Mapping[str, Any], label_size: tuple[int, int]
@@ -200,7 +200,8 @@ class NormalsTask(PixelTask):
         if "normals" not in sample:
             return None
         n = torch.as_tensor(sample["normals"]).as_subclass(torch.Tensor).float()
-        return {"normals": _unit_or_zero(resize_nearest(n.reshape(3, *n.shape[-2:]), label_size))}
+        n = resize_nearest(n.reshape(3, *n.shape[-2:]), label_size)
+        return {"normals": _unit_or_zero(n, VALID_NORM)}
 
     def from_store(
         self, fields: Mapping[str, np.ndarray], image_size: tuple[int, int]
@@ -232,10 +233,10 @@ class NormalsTask(PixelTask):
         ]
 
 
-def _unit_or_zero(n: torch.Tensor) -> np.ndarray:
-    """(3, h, w) vectors -> float16 unit vectors; those shorter than ``VALID_NORM`` -> 0."""
+def _unit_or_zero(n: torch.Tensor, min_length: float) -> np.ndarray:
+    """(3, h, w) vectors -> float16 unit vectors; those not longer than ``min_length`` -> 0."""
     length = n.norm(dim=0, keepdim=True)
-    unit = torch.where(length > VALID_NORM, n / length.clamp(min=1e-12), torch.zeros_like(n))
+    unit = torch.where(length > min_length, n / length.clamp(min=1e-12), torch.zeros_like(n))
     return unit.numpy().astype(np.float16)
 
 
