@@ -162,13 +162,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_label_run(args: argparse.Namespace) -> int:
     from must.data.source import source_from_arguments
-    from must.stages.label import LabelSettings, label_images
+    from must.stages.label import LabelSettings, label_images, label_setting_defaults
 
+    # The tasks' settings not given on the command line (None) take their task's default.
+    given = {k: getattr(args, k, None) for k in label_setting_defaults()}
     settings = LabelSettings(
-        det_threshold=args.det_threshold,
-        seg_threshold=args.seg_threshold,
-        temperature=args.temperature,
-        label_scale=args.label_scale,
+        label_scale=args.label_scale, **{k: v for k, v in given.items() if v is not None}
     )
     result = label_images(
         args.teacher,
@@ -365,16 +364,14 @@ def _add_label_parser(verbs: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--out", required=True, metavar="STORE", help="store folder to write")
     run.add_argument("--split", default="train", help="split of a dataset folder (default train)")
-    run.add_argument("--det-threshold", type=float, default=0.5, help="keep boxes with score >= it")
+    # The tasks' labelling settings: no default here (None), the task classes hold them.
+    run.add_argument("--det-threshold", type=float, help="keep boxes with score >= it")
     run.add_argument(
         "--seg-threshold",
         type=float,
-        default=0.5,
         help="ignore (255) pixels whose top class probability is below it",
     )
-    run.add_argument(
-        "--temperature", type=float, default=1.0, help="classification: softmax(logits / T)"
-    )
+    run.add_argument("--temperature", type=float, help="classification: softmax(logits / T)")
     run.add_argument(
         "--label-scale",
         type=float,

@@ -43,6 +43,7 @@ from must.config import (
 from must.data.source import DataSource
 from must.errors import ConfigError, MustError, nearest_line
 from must.files import write_bytes_atomic
+from must.stages.label import label_setting_defaults
 
 StageName = Literal[
     "teachers", "label", "student", "simclr", "multitask", "scaling", "strong", "transfer", "report"
@@ -72,10 +73,13 @@ class PoolConfig(DataSource, _Strict):
     cache: str | None = None  # None: the experiment's data_cache
 
 
+_LABEL_DEFAULTS = label_setting_defaults()  # from the task classes
+
+
 class LabelStage(_Strict):
-    det_threshold: float = 0.5
-    seg_threshold: float = 0.5
-    temperature: float = 1.0
+    det_threshold: float = _LABEL_DEFAULTS["det_threshold"]
+    seg_threshold: float = _LABEL_DEFAULTS["seg_threshold"]
+    temperature: float = _LABEL_DEFAULTS["temperature"]
     batch_size: int = 32
     shard_size: int = 256
     workers: int = 1

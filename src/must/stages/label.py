@@ -19,13 +19,12 @@ The pipeline, per process:
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ValidationError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
@@ -50,10 +50,12 @@ from must.data.source import DataSource, as_source, is_dataset_folder
 from must.errors import ConfigError, DataError
 from must.files import file_sha256
 from must.models.model import MultiTaskModel
-from must.store import ENCODINGS, PseudoLabelStore, Record, ShardWriter
+from must.store import IGNORE_INDEX, PseudoLabelStore, Record
 from must.store.dataset import image_locations, write_image_locations
 from must.store.shards import HEADER_FILE, KEYS_FILE, sidecar_name
+from must.store.tasks import ShardWriter, encodings, task_checkers
 from must.summary import run_info
+from must.tasks import TASK_TYPES
 from must.tasks.base import Task, label_size
 from must.training.data import one_compute_thread, pad_samples, worker_context
 
@@ -65,43 +67,92 @@ PADDED_INPUT = "padded_input_size"
 # --------------------------------------------------------------------------- settings
 
 
-@dataclass(frozen=True)
+def label_setting_defaults() -> dict[str, Any]:
+    """Every task's labelling settings with their defaults (``Task.label_settings_type``), in
+    task registry order: what ``must label`` uses when a setting is not given."""
+    out: dict[str, Any] = {}
+    for kind in TASK_TYPES.values():
+        if kind.label_settings_type is not None:
+            out.update(kind.label_settings_type().model_dump())
+    return out
+
+
 class LabelSettings:
     """How teacher outputs become labels; recorded in the store header (``settings``).
 
-    ``det_threshold``: detection keeps boxes with score >= it. ``seg_threshold``: a pixel
-    whose top softmax probability is below it is ignored (255). ``temperature``:
-    classification stores ``softmax(logits / temperature)``. ``label_scale``: pixel labels are
-    stored at the image's own size times it (a fraction in (0, 1]).
+    ``label_scale``: pixel labels are stored at the image's own size times it (a fraction in
+    (0, 1]). Every other keyword is a setting of a task, declared, with its default, by the
+    task class (``Task.label_settings_type``): classification ``temperature`` (stores
+    ``softmax(logits / temperature)``), detection ``det_threshold`` (keeps boxes with score
+    >= it), segmentation ``seg_threshold`` (a pixel whose top softmax probability is below it
+    is ignored, 255). A setting not given takes its task's default; read one as an attribute
+    (``settings.det_threshold``).
     """
 
-    det_threshold: float = 0.5
-    seg_threshold: float = 0.5
-    temperature: float = 1.0
-    label_scale: float = 1.0
+    def __init__(self, label_scale: float = 1.0, **values: Any) -> None:
+        if not 0.0 < label_scale <= 1.0:
+            raise ConfigError(f"label_scale must be in (0, 1], got {label_scale}")
+        self.label_scale = float(label_scale)
+        known = label_setting_defaults()
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown labelling settings {unknown}; known: {sorted(known)}")
+        # Task name -> its validated settings, in registry order (the header's order).
+        self.tasks: dict[str, BaseModel] = {}
+        for name, kind in TASK_TYPES.items():
+            model = kind.label_settings_type
+            if model is None:
+                continue
+            given = {k: v for k, v in values.items() if k in model.model_fields}
+            try:
+                self.tasks[name] = model(**given)
+            except ValidationError as err:
+                raise ConfigError(_settings_problem(err)) from None
 
-    def __post_init__(self) -> None:
-        for name in ("det_threshold", "seg_threshold"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1], got {value}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ConfigError(f"temperature must be positive, got {self.temperature}")
-        if not 0.0 < self.label_scale <= 1.0:
-            raise ConfigError(f"label_scale must be in (0, 1], got {self.label_scale}")
+    def __getattr__(self, key: str) -> Any:
+        for values in self.__dict__.get("tasks", {}).values():
+            if key in type(values).model_fields:
+                return getattr(values, key)
+        raise AttributeError(f"no labelling setting {key!r}")
 
-    def for_tasks(self, tasks: Sequence[str], keep_real: bool) -> dict[str, Any]:
-        """The header's settings: those of the tasks labelled, ``label_scale``, ``keep_real``."""
+    def __repr__(self) -> str:
+        values = {k: v for m in self.tasks.values() for k, v in m.model_dump().items()}
+        args = ", ".join(
+            f"{k}={v!r}" for k, v in {**values, "label_scale": self.label_scale}.items()
+        )
+        return f"LabelSettings({args})"
+
+    def for_tasks(self, tasks: Iterable[Task], keep_real: bool) -> dict[str, Any]:
+        """The header's settings: those of the tasks labelled (in task registry order),
+        ``label_scale``, ``keep_real``."""
+        names = {task.name for task in tasks}
         out: dict[str, Any] = {}
-        if "classification" in tasks:
-            out["temperature"] = float(self.temperature)
-        if "detection" in tasks:
-            out["det_threshold"] = float(self.det_threshold)
-        if "segmentation" in tasks:
-            out["seg_threshold"] = float(self.seg_threshold)
+        for name, values in self.tasks.items():
+            if name in names:
+                out.update(values.model_dump())
         out["label_scale"] = float(self.label_scale)
         out["keep_real"] = bool(keep_real)
         return out
+
+
+def _settings_problem(err: ValidationError) -> str:
+    """A settings model's ValidationError in one line: a validator's own message, else
+    ``field: message``."""
+    parts = []
+    for e in err.errors():
+        if e["type"] == "value_error":
+            parts.append(str(e["ctx"]["error"]))
+        else:
+            parts.append(f"{'.'.join(map(str, e['loc']))}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def header_tasks(tasks: Mapping[str, Task]) -> dict[str, dict[str, Any]]:
+    """The store header's ``tasks``: each task's kind, classes and store encoding."""
+    return {
+        name: {"kind": t.name, "classes": t.classes or None, "encoding": t.store_encoding}
+        for name, t in tasks.items()
+    }
 
 
 # --------------------------------------------------------------------------- teachers
@@ -170,11 +221,11 @@ def load_teachers(paths: Sequence[str | Path]) -> list[Teacher]:
                 "it cannot be fed what it expects; must teach writes it"
             )
         tasks = []
-        for name in model.tasks:
-            if name not in ENCODINGS:
+        for name, task in model.tasks.items():
+            if not task.has_store_encoding():
                 warnings.warn(
                     f"{file}: its {name} head is not labelled (the store holds "
-                    f"{', '.join(ENCODINGS)})",
+                    f"{', '.join(encodings())})",
                     stacklevel=2,
                 )
                 continue
@@ -304,8 +355,11 @@ class RealLabels:
                     f"the teacher's {task.classes}; real labels must use the teacher's classes"
                 )
             self.maps[name] = np.array([task.classes.index(c) for c in theirs], np.int64)
-        seg = dataset.source.segmentation
-        self.seg_ignore = seg.ignore_index if seg is not None else 255
+        # The value a dataset's label files mark ignored pixels with, where its spec says one.
+        self.ignore = {
+            name: getattr(getattr(dataset.source, name, None), "ignore_index", IGNORE_INDEX)
+            for name in self.tasks
+        }
 
     def read(self, key: str) -> tuple[torch.Tensor, dict[str, dict[str, np.ndarray]]]:
         """(image (3, H, W) uint8, task -> store fields) of one image."""
@@ -323,18 +377,7 @@ class RealLabels:
         lut = self.maps.get(name)
         if lut is None:
             return sample
-        out = dict(sample)
-        if name == "classification" and "classification" in sample:
-            out["classification"] = int(lut[int(sample["classification"])])
-        elif name == "detection" and "box_labels" in sample:
-            out["box_labels"] = torch.from_numpy(lut[np.asarray(sample["box_labels"])])
-        elif name == "segmentation" and "segmentation" in sample:
-            seg = np.asarray(sample["segmentation"]).astype(np.int64)
-            ignored = seg == self.seg_ignore
-            mapped = np.full(seg.shape, 255, np.int64)
-            mapped[~ignored] = lut[seg[~ignored]]
-            out["segmentation"] = torch.from_numpy(mapped)
-        return out
+        return self.tasks[name].remap_classes(sample, lut, self.ignore[name])
 
 
 # --------------------------------------------------------------------------- loading
@@ -657,12 +700,12 @@ def label_images(
         keep_real_tasks=list(task_objs) if keep_real else None,
         progress=progress,
     )
-    stored = settings.for_tasks(list(task_objs), keep_real)
+    stored = settings.for_tasks(task_objs.values(), keep_real)
     images_header: dict[str, Any] = {"source": image_set.source}
     if image_set.split is not None:
         images_header["split"] = image_set.split
     header = {
-        "tasks": {n: {"kind": n, "classes": t.classes or None} for n, t in task_objs.items()},
+        "tasks": header_tasks(task_objs),
         "teachers": [t.header() for t in loaded],
         "settings": stored,
         "images": images_header,
@@ -675,7 +718,9 @@ def label_images(
     extra = {"source": image_set.source, "split": image_set.split, "style": image_set.style}
     locations = image_locations(image_set.root, image_set.keys, image_set.paths, extra)
     new_store = overwrite or not (Path(out) / HEADER_FILE).is_file()
-    writer = ShardWriter(out, header, image_set.keys, overwrite=overwrite)
+    writer = ShardWriter(
+        out, header, image_set.keys, overwrite=overwrite, checkers=task_checkers(task_objs)
+    )
     try:
         write_image_locations(writer.root, locations)
     except BaseException:
@@ -775,7 +820,9 @@ __all__ = [
     "LabelSettings",
     "RealLabels",
     "Teacher",
+    "header_tasks",
     "label_images",
+    "label_setting_defaults",
     "load_teachers",
     "resolve_images",
     "walk_images",

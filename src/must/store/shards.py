@@ -31,7 +31,7 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,6 @@ except ImportError:  # this file copied out of the package: same errors, no pack
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
-    "ENCODINGS",
     "FORMAT",
     "IGNORE_INDEX",
     "PseudoLabelStore",
@@ -73,22 +72,13 @@ HEADER_FILE = "header.json"
 KEYS_FILE = "keys.txt"
 MANIFEST_FILE = "manifest.json"
 DEFAULT_SHARD_SIZE = 256
-IGNORE_INDEX = 255
+IGNORE_INDEX = 255  # the ignore value of stored class maps
 ORIGINS = ("pseudo", "real")
 HEADER_FIELDS = ("format", "tasks", "teachers", "settings", "images", "shard_size")
 
-# One encoding per task kind in must-store/1: the fields stored per image and their dtypes.
-# Extra keys a caller puts into a task's "encoding" (e.g. depth "scale": "metric") are kept.
-ENCODINGS: dict[str, dict[str, Any]] = {
-    "classification": {"fields": {"cls_probs": "float16"}},
-    "detection": {
-        "fields": {"det_boxes": "float32", "det_classes": "int16", "det_scores": "float16"},
-        "box_format": "xyxy",
-        "box_units": "pixels",
-    },
-    "segmentation": {"fields": {"seg_map": "uint8"}, "ignore_index": IGNORE_INDEX},
-    "depth": {"fields": {"depth": "float16"}, "unit": "m", "invalid": 0},
-}
+# The dtypes a field may be stored in (a task's "encoding" in the header names them), and
+# their safetensors names. What each task stores is up to the program that writes the store
+# (``must`` takes it from its task classes): this file only follows the header.
 _ST_DTYPES = {"float16": "F16", "float32": "F32", "int16": "I16", "uint8": "U8"}
 _TMP_SUFFIX = ".tmp"
 
@@ -97,8 +87,8 @@ _TMP_SUFFIX = ".tmp"
 class Record:
     """One image's labels.
 
-    ``labels`` maps task -> field -> array (fields and dtypes as in ``ENCODINGS``); a task the
-    image has no label for is simply absent. ``origin`` maps task -> ``"pseudo"`` or
+    ``labels`` maps task -> field -> array (fields and dtypes as in the header's
+    ``tasks[task]["encoding"]["fields"]``); a task the image has no label for is simply absent. ``origin`` maps task -> ``"pseudo"`` or
     ``"real"``; the writer takes ``"pseudo"`` for a labelled task missing from it. ``height``
     and ``width`` are the image's own size (pixel labels may be smaller, see ``label_scale``).
     """
@@ -165,9 +155,10 @@ def repair_hint(manifest: Mapping[str, Any], root: str | Path) -> str:
     if "split" in images:
         args += ["--split", str(images["split"])]
     args += ["--out", str(root)]
-    for key in ("det_threshold", "seg_threshold", "temperature", "label_scale"):
-        if key in settings:
-            args += ["--" + key.replace("_", "-"), repr(settings[key])]
+    # must label records each of its settings under its option's name (and keep_real).
+    for key, value in settings.items():
+        if key != "keep_real":
+            args += ["--" + key.replace("_", "-"), repr(value)]
     if settings["keep_real"]:
         args.append("--keep-real")
     args += ["--shard-size", str(manifest.get("shard_size", DEFAULT_SHARD_SIZE))]
@@ -575,8 +566,8 @@ def _normalize_header(
         if not isinstance(spec, dict):
             raise ConfigError(f"store header: tasks.{name} must be a dict")
         kind = spec.get("kind", name)
-        if kind not in ENCODINGS:
-            raise ConfigError(f"store header: tasks.{name}.kind {kind!r}, one of {list(ENCODINGS)}")
+        if not isinstance(kind, str) or not kind:
+            raise ConfigError(f"store header: tasks.{name}.kind must be a name, not {kind!r}")
         if kind in kinds:
             raise ConfigError(
                 f"store header: tasks {kinds[kind]!r} and {name!r} are both {kind}; a store "
@@ -588,18 +579,19 @@ def _normalize_header(
             not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)
         ):
             raise ConfigError(f"store header: tasks.{name}.classes must be a list of names")
-        if kind != "depth" and not classes:
-            raise ConfigError(f"store header: tasks.{name}.classes: a {kind} task needs classes")
-        if kind == "segmentation" and len(classes) > IGNORE_INDEX:
-            raise ConfigError(f"store header: tasks.{name}: at most {IGNORE_INDEX} classes")
-        if kind == "detection" and len(classes) > np.iinfo(np.int16).max:
-            raise ConfigError(f"store header: tasks.{name}: too many classes for int16")
-        encoding = {**ENCODINGS[kind], **(spec.get("encoding") or {})}
-        if encoding["fields"] != ENCODINGS[kind]["fields"]:
+        encoding = spec.get("encoding") or {}
+        fields = encoding.get("fields") if isinstance(encoding, dict) else None
+        if not isinstance(fields, dict) or not fields:
             raise ConfigError(
-                f"store header: tasks.{name}.encoding.fields: {FORMAT} stores "
-                f"{ENCODINGS[kind]['fields']} for {kind}"
+                f"store header: tasks.{name}.encoding.fields: give the fields stored per image "
+                f"and their dtypes ({', '.join(_ST_DTYPES)})"
             )
+        for f, dtype in fields.items():
+            if not f or "/" in f or dtype not in _ST_DTYPES:
+                raise ConfigError(
+                    f"store header: tasks.{name}.encoding.fields.{f}: a name without '/' and "
+                    f"one of the dtypes {list(_ST_DTYPES)}, not {dtype!r}"
+                )
         extra = sorted(set(spec) - {"kind", "classes", "encoding"})
         if extra:
             raise ConfigError(f"store header: tasks.{name}: unknown fields {extra}")
@@ -747,10 +739,14 @@ class _Check:
     def fail(self, what: str) -> DataError:
         return DataError(self.path, f"record {self.key!r}: {what}")
 
-    def array(self, value: Any, task: str, name: str, dtype: str, ndim: int) -> np.ndarray:
+    def array(
+        self, value: Any, task: str, name: str, dtype: str, ndim: int | None = None
+    ) -> np.ndarray:
+        """``value`` as a contiguous ``dtype`` array (with ``ndim`` dimensions, if given):
+        floats cast and checked finite, integers checked in range; else ``fail``."""
         a = np.asarray(value)
         where = f"{task}.{name}"
-        if a.ndim != ndim:
+        if ndim is not None and a.ndim != ndim:
             raise self.fail(f"{where} must have {ndim} dimensions, has shape {a.shape}")
         if a.dtype.kind not in ("fiu" if dtype.startswith("float") else "iu"):
             raise self.fail(f"{where} has dtype {a.dtype}, expected {dtype}")
@@ -767,15 +763,25 @@ class _Check:
         return np.ascontiguousarray(a, dtype=dtype)
 
 
+# Checks one image's fields for one task: (check, task name, given fields) -> the arrays to
+# store, in the encoding's dtypes; raises ``check.fail(message)`` for a bad field.
+Checker = Callable[["_Check", str, Mapping[str, Any]], Mapping[str, np.ndarray]]
+
+
 class ShardWriter:
     """Writes a store: one shard per call, atomically; any process can write any shard.
 
     ``header`` holds the manifest fields that are not per shard: ``format`` (default
     ``must-store/1``), ``tasks`` (task -> ``{"kind", "classes", "encoding"}``; kind defaults
-    to the task name, encoding to ``ENCODINGS[kind]``), ``teachers`` (list of ``{"path",
-    "sha256", "tasks", "classes"}``), ``settings`` (free dict: thresholds, temperatures,
-    ``label_scale``...), ``images`` (``{"count", "sha256", "source"}``; count and sha256 are
-    filled from ``keys``) and ``shard_size`` (default 256).
+    to the task name; ``encoding["fields"]`` maps each field stored per image to its dtype),
+    ``teachers`` (list of ``{"path", "sha256", "tasks", "classes"}``), ``settings`` (free
+    dict: thresholds, temperatures, ``label_scale``...), ``images`` (``{"count", "sha256",
+    "source"}``; count and sha256 are filled from ``keys``) and ``shard_size`` (default 256).
+    (``must.store.ShardWriter`` fills in the encodings and checkers of ``must``'s tasks.)
+
+    ``checkers`` (task name -> :data:`Checker`) check and convert one image's fields of a
+    task: shapes, value ranges, class ids. A task without one gets its fields checked by name
+    and converted to their dtypes only.
 
     ``keys`` is the ordered image list (shard ``i`` = images ``[i*shard_size,
     (i+1)*shard_size)``): required to create a store, optional when reopening one (then
@@ -791,7 +797,9 @@ class ShardWriter:
         keys: Sequence[str] | None = None,
         *,
         overwrite: bool = False,
+        checkers: Mapping[str, Checker] | None = None,
     ) -> None:
+        self.checkers = dict(checkers or {})
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         if keys is not None:
@@ -957,52 +965,18 @@ class ShardWriter:
             given = r.labels[task]
             if set(given) != set(fields):
                 raise c.fail(f"{task} needs fields {sorted(fields)}, got {sorted(given)}")
-            out = self._check_task(c, task, spec, given)
+            checker = self.checkers.get(task)
+            if checker is None:
+                out = {f: c.array(given[f], task, f, dtype) for f, dtype in fields.items()}
+            else:
+                out = checker(c, task, given)
+                got = {f: str(np.asarray(a).dtype) for f, a in out.items()}
+                if got != fields:
+                    raise c.fail(f"{task}: its checker gave {got}, the encoding is {fields}")
             arrays.update({f"{r.key}/{f}": a for f, a in out.items()})
         meta = {"key": r.key, "index": -1, "height": int(r.height), "width": int(r.width)}
         meta["tasks"] = origins
         return meta, arrays
-
-    @staticmethod
-    def _check_task(
-        c: _Check, task: str, spec: dict[str, Any], given: Mapping[str, Any]
-    ) -> dict[str, np.ndarray]:
-        kind, classes = spec["kind"], spec["classes"]
-        if kind == "classification":
-            p = c.array(given["cls_probs"], task, "cls_probs", "float16", 1)
-            if p.shape != (len(classes),):
-                raise c.fail(f"{task}.cls_probs has shape {p.shape}, expected ({len(classes)},)")
-            total = float(p.astype(np.float32).sum())
-            if (p < 0).any() or abs(total - 1.0) > 1e-2:
-                raise c.fail(f"{task}.cls_probs is not a probability vector (sum {total:.4f})")
-            return {"cls_probs": p}
-        if kind == "detection":
-            boxes = c.array(given["det_boxes"], task, "det_boxes", "float32", 2)
-            labels = c.array(given["det_classes"], task, "det_classes", "int16", 1)
-            scores = c.array(given["det_scores"], task, "det_scores", "float16", 1)
-            n = len(labels)
-            if boxes.shape != (n, 4) or scores.shape != (n,):
-                raise c.fail(
-                    f"{task}: det_boxes {boxes.shape}, det_classes {labels.shape}, det_scores "
-                    f"{scores.shape} must be (n, 4), (n,), (n,)"
-                )
-            if n and (labels.min() < 0 or labels.max() >= len(classes)):
-                raise c.fail(f"{task}.det_classes outside [0, {len(classes)})")
-            if n and ((scores < 0).any() or (scores > 1).any()):
-                raise c.fail(f"{task}.det_scores outside [0, 1]")
-            if n and ((boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any()):
-                raise c.fail(f"{task}.det_boxes: x2 < x1 or y2 < y1 (boxes are xyxy)")
-            return {"det_boxes": boxes, "det_classes": labels, "det_scores": scores}
-        if kind == "segmentation":
-            m = c.array(given["seg_map"], task, "seg_map", "uint8", 2)
-            bad = (m >= len(classes)) & (m != IGNORE_INDEX)
-            if bad.any():
-                raise c.fail(f"{task}.seg_map has class ids >= {len(classes)} (ignore is 255)")
-            return {"seg_map": m}
-        d = c.array(given["depth"], task, "depth", "float16", 2)
-        if (d < 0).any():
-            raise c.fail(f"{task}.depth has negative values (0 marks invalid pixels)")
-        return {"depth": d}
 
     def finalize(self, *, stale_after: float = 3600.0) -> Path:
         """Merge the complete shards' sidecars into ``manifest.json`` (written atomically).

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 from torchmetrics import Metric
 
+from must.errors import ConfigError
 from must.features import FeatureSpec
 
 
@@ -231,12 +232,92 @@ class Task(ABC):
 
     def _no_store(self) -> str:
         return (
-            f"task {self.name!r} has no encoding in the pseudo-label store (must-store/1 "
-            "stores classification, detection, segmentation and depth)"
+            f"task {self.name!r} has no encoding in the pseudo-label store (the task class "
+            "sets no store_encoding)"
         )
+
+    # -- store and labelling: the store encoding and its checks, ``must label``'s settings,
+    # real-label class remapping, ``must label stats`` / ``show``
+
+    # The fields stored per image (name -> dtype: float16, float32, int16 or uint8) plus the
+    # header keys that say how to read them (docs/store.md); None: not stored.
+    store_encoding: ClassVar[dict[str, Any] | None] = None
+    # A pydantic model of this task's ``must label`` settings (defaults given once, there);
+    # its values go into the store header's ``settings``. None: no settings.
+    label_settings_type: ClassVar[type[BaseModel] | None] = None
+
+    @classmethod
+    def has_store_encoding(cls) -> bool:
+        return cls.store_encoding is not None
+
+    @classmethod
+    def check_store_classes(cls, where: str, classes: list[str] | None) -> None:
+        """Refuse (ConfigError, prefixed ``where``) a class list this task cannot store."""
+        if cls.needs_classes and not classes:
+            raise ConfigError(f"{where}.classes: a {cls.name} task needs classes")
+
+    def check_store_fields(
+        self, check: StoreCheck, task: str, given: Mapping[str, Any]
+    ) -> dict[str, np.ndarray]:
+        """One image's fields (``given``, for the store task named ``task``) -> the arrays to
+        store, in their dtypes; ``check.fail(message)`` for what breaks the format. The
+        default casts each field to its dtype (``check.array``) and checks nothing else."""
+        if self.store_encoding is None:
+            raise NotImplementedError(self._no_store())
+        fields = self.store_encoding["fields"]
+        return {f: check.array(given[f], task, f, dtype) for f, dtype in fields.items()}
+
+    def remap_classes(
+        self, sample: dict[str, Any], lut: np.ndarray, ignore_index: int
+    ) -> dict[str, Any]:
+        """A real label's class ids through ``lut`` (dataset id -> this task's id); pixels
+        equal to ``ignore_index`` become the store's 255. Default: no class ids to remap."""
+        return sample
+
+    def store_stats(self) -> StoreStats:
+        """An accumulator of this task's ``must label stats`` figures over stored fields."""
+        return StoreStats()
+
+    @classmethod
+    def format_store_stats(cls, stats: Mapping[str, Any]) -> list[str]:
+        """The lines ``must label stats`` prints under the task for ``StoreStats.result()``."""
+        return []
+
+    def store_lines(self, sample: Mapping[str, Any]) -> list[str]:
+        """Text lines about this task's label in a sample (``must label show``'s text panel)."""
+        return []
 
 
 def label_size(image_size: tuple[int, int], scale: float) -> tuple[int, int]:
     """Size (h, w) of a pixel label stored at ``scale`` times an image of ``image_size``:
     each side rounded half up, at least 1."""
     return tuple(max(1, math.floor(s * scale + 0.5)) for s in image_size)  # type: ignore[return-value]
+
+
+class StoreCheck(Protocol):
+    """What a task's ``check_store_fields`` is given by the store writer."""
+
+    def fail(self, what: str) -> Exception:
+        """The error to raise for one image's bad field (it names the shard and the key)."""
+
+    def array(
+        self, value: Any, task: str, name: str, dtype: str, ndim: int | None = None
+    ) -> np.ndarray:
+        """``value`` as a contiguous ``dtype`` array with ``ndim`` dimensions (floats cast and
+        checked finite, integers checked in range), or ``fail``."""
+
+
+class StoreStats:
+    """Accumulates one task's statistics over a store's records: ``add`` each record's
+    fields, then ``result()`` (JSON-able). The base counts nothing."""
+
+    def add(self, fields: Mapping[str, np.ndarray], origin: str) -> None:
+        """One record's stored fields; ``origin`` is ``"pseudo"`` or ``"real"``."""
+
+    def result(self) -> dict[str, Any]:
+        return {}
+
+
+def stat_text(value: float | None, digits: int = 3) -> str:
+    """A statistic as ``must label stats`` prints it: ``-`` when there is none."""
+    return "-" if value is None else f"{value:.{digits}f}"

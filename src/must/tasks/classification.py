@@ -9,21 +9,30 @@ are present. Target (from :meth:`ClassificationTask.collate`): ``{"probs": (B, K
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torchmetrics import Metric
 
 from must import imageio
 from must.errors import ConfigError, DataError
 from must.features import LAST_STAGE, FeatureSpec, require
-from must.tasks.base import Task, TaskConfig, TaskHead, full_precision
+from must.tasks.base import (
+    StoreCheck,
+    StoreStats,
+    Task,
+    TaskConfig,
+    TaskHead,
+    full_precision,
+    stat_text,
+)
 
 SOFT_KEY = "classification_soft"
 
@@ -201,3 +210,82 @@ class ClassificationTask(Task):
         self, fields: Mapping[str, np.ndarray], image_size: tuple[int, int]
     ) -> dict[str, Any]:
         return {SOFT_KEY: torch.from_numpy(fields["cls_probs"].astype(np.float32))}
+
+    # -- store and labelling: encoding and checks, settings, remapping, statistics
+
+    store_encoding: ClassVar[dict[str, Any]] = {"fields": {"cls_probs": "float16"}}
+
+    class LabelSettings(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        temperature: float = Field(1.0, description="classification: softmax(logits / T)")
+
+        @field_validator("temperature")
+        @classmethod
+        def _positive(cls, value: float) -> float:
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"temperature must be positive, got {value}")
+            return value
+
+    label_settings_type = LabelSettings
+
+    def check_store_fields(
+        self, check: StoreCheck, task: str, given: Mapping[str, Any]
+    ) -> dict[str, np.ndarray]:
+        k = self.num_classes
+        p = check.array(given["cls_probs"], task, "cls_probs", "float16", 1)
+        if p.shape != (k,):
+            raise check.fail(f"{task}.cls_probs has shape {p.shape}, expected ({k},)")
+        total = float(p.astype(np.float32).sum())
+        if (p < 0).any() or abs(total - 1.0) > 1e-2:
+            raise check.fail(f"{task}.cls_probs is not a probability vector (sum {total:.4f})")
+        return {"cls_probs": p}
+
+    def remap_classes(
+        self, sample: dict[str, Any], lut: np.ndarray, ignore_index: int
+    ) -> dict[str, Any]:
+        if "classification" not in sample:
+            return sample
+        return {**sample, "classification": int(lut[int(sample["classification"])])}
+
+    def store_stats(self) -> StoreStats:
+        return _ClassificationStats(self.num_classes)
+
+    @classmethod
+    def format_store_stats(cls, stats: Mapping[str, Any]) -> list[str]:
+        return [
+            f"  entropy mean {stat_text(stats['entropy_mean'])} nats (max {stat_text(stats['entropy_max'])}), "
+            f"top probability mean {stat_text(stats['top_prob_mean'])}"
+        ]
+
+    def store_lines(self, sample: Mapping[str, Any]) -> list[str]:
+        if SOFT_KEY not in sample:
+            return []
+        names = self.classes
+        probs = np.asarray(sample[SOFT_KEY], np.float64)
+        return [
+            f"{names[c] if c < len(names) else c}: {probs[c]:.2f}"
+            for c in np.argsort(-probs, kind="stable")[:3]
+        ]
+
+
+class _ClassificationStats(StoreStats):
+    """Mean entropy (nats) of the stored distributions and mean top probability."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.k = num_classes
+        self.entropy: list[float] = []
+        self.top: list[float] = []
+
+    def add(self, fields: Mapping[str, np.ndarray], origin: str) -> None:
+        p = fields["cls_probs"].astype(np.float64)
+        self.entropy.append(float(-(p[p > 0] * np.log(p[p > 0])).sum()))
+        self.top.append(float(p.max()))
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "images": len(self.entropy),
+            "entropy_mean": float(np.mean(self.entropy)) if self.entropy else None,
+            "entropy_max": math.log(self.k) if self.k else None,
+            "top_prob_mean": float(np.mean(self.top)) if self.top else None,
+        }

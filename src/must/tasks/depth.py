@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -28,7 +28,14 @@ from torchmetrics import Metric
 from must import imageio
 from must.data.transforms import Depth
 from must.features import FeatureSpec
-from must.tasks.base import TaskHead, full_precision, label_size
+from must.tasks.base import (
+    StoreCheck,
+    StoreStats,
+    TaskHead,
+    full_precision,
+    label_size,
+    stat_text,
+)
 from must.tasks.pixel import (
     PixelHead,
     PixelTask,
@@ -266,3 +273,58 @@ class DepthTask(PixelTask):
     ) -> dict[str, Any]:
         depth = torch.from_numpy(fields["depth"].astype(np.float32))
         return {"depth": Depth(resize_nearest(depth, image_size)[None])}
+
+    # -- store and labelling: encoding and checks, statistics
+
+    store_encoding: ClassVar[dict[str, Any]] = {
+        "fields": {"depth": "float16"},
+        "unit": "m",
+        "invalid": 0,
+    }
+
+    def check_store_fields(
+        self, check: StoreCheck, task: str, given: Mapping[str, Any]
+    ) -> dict[str, np.ndarray]:
+        d = check.array(given["depth"], task, "depth", "float16", 2)
+        if (d < 0).any():
+            raise check.fail(f"{task}.depth has negative values (0 marks invalid pixels)")
+        return {"depth": d}
+
+    def store_stats(self) -> StoreStats:
+        return _DepthStats()
+
+    @classmethod
+    def format_store_stats(cls, stats: Mapping[str, Any]) -> list[str]:
+        return [
+            f"  depth mean {stat_text(stats['mean_m'], 2)} m, range "
+            f"[{stat_text(stats['min_m'], 2)}, {stat_text(stats['max_m'], 2)}] m, "
+            f"invalid fraction {stat_text(stats['invalid_fraction'])}"
+        ]
+
+
+class _DepthStats(StoreStats):
+    """Pixels, the fraction invalid (0), and the mean and range of the valid depths."""
+
+    def __init__(self) -> None:
+        self.sum = self.n = self.invalid = self.pixels = 0.0
+        self.lo, self.hi = math.inf, -math.inf
+
+    def add(self, fields: Mapping[str, np.ndarray], origin: str) -> None:
+        d = fields["depth"].astype(np.float64)
+        valid = d > 0
+        self.pixels += d.size
+        self.invalid += d.size - int(valid.sum())
+        if valid.any():
+            self.sum += float(d[valid].sum())
+            self.n += int(valid.sum())
+            self.lo = min(self.lo, float(d[valid].min()))
+            self.hi = max(self.hi, float(d[valid].max()))
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "pixels": int(self.pixels),
+            "invalid_fraction": self.invalid / self.pixels if self.pixels else None,
+            "mean_m": self.sum / self.n if self.n else None,
+            "min_m": self.lo if self.n else None,
+            "max_m": self.hi if self.n else None,
+        }

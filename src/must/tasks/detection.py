@@ -16,17 +16,19 @@ image, ``{"boxes": (n, 4) float32, "labels": (n,) int64 (0-based), "scores": (n,
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision import tv_tensors
@@ -41,7 +43,7 @@ from torchvision.transforms.v2.functional import convert_bounding_box_format
 from must.errors import ConfigError, DataError
 from must.features import LEVEL_STRIDES, LEVELS, FeatureSpec, require
 from must.files import write_atomic
-from must.tasks.base import Task, TaskConfig, TaskHead
+from must.tasks.base import StoreCheck, StoreStats, Task, TaskConfig, TaskHead, stat_text
 
 LOSS_NAMES = {
     "loss_objectness": "rpn_objectness",
@@ -591,6 +593,121 @@ class DetectionTask(Task):
         return {
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image_size)),
             "box_labels": torch.from_numpy(fields["det_classes"].astype(np.int64)),
+        }
+
+    # -- store and labelling: encoding and checks, settings, remapping, statistics
+
+    store_encoding: ClassVar[dict[str, Any]] = {
+        "fields": {"det_boxes": "float32", "det_classes": "int16", "det_scores": "float16"},
+        "box_format": "xyxy",
+        "box_units": "pixels",
+    }
+
+    class LabelSettings(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        det_threshold: float = Field(0.5, description="keep boxes with score >= it")
+
+        @field_validator("det_threshold")
+        @classmethod
+        def _fraction(cls, value: float) -> float:
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"det_threshold must be in [0, 1], got {value}")
+            return value
+
+    label_settings_type = LabelSettings
+
+    @classmethod
+    def check_store_classes(cls, where: str, classes: list[str] | None) -> None:
+        super().check_store_classes(where, classes)
+        if len(classes or []) > np.iinfo(np.int16).max:
+            raise ConfigError(f"{where}: too many classes for int16")
+
+    def check_store_fields(
+        self, check: StoreCheck, task: str, given: Mapping[str, Any]
+    ) -> dict[str, np.ndarray]:
+        k = self.num_classes
+        boxes = check.array(given["det_boxes"], task, "det_boxes", "float32", 2)
+        labels = check.array(given["det_classes"], task, "det_classes", "int16", 1)
+        scores = check.array(given["det_scores"], task, "det_scores", "float16", 1)
+        n = len(labels)
+        if boxes.shape != (n, 4) or scores.shape != (n,):
+            raise check.fail(
+                f"{task}: det_boxes {boxes.shape}, det_classes {labels.shape}, det_scores "
+                f"{scores.shape} must be (n, 4), (n,), (n,)"
+            )
+        if n and (labels.min() < 0 or labels.max() >= k):
+            raise check.fail(f"{task}.det_classes outside [0, {k})")
+        if n and ((scores < 0).any() or (scores > 1).any()):
+            raise check.fail(f"{task}.det_scores outside [0, 1]")
+        if n and ((boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any()):
+            raise check.fail(f"{task}.det_boxes: x2 < x1 or y2 < y1 (boxes are xyxy)")
+        return {"det_boxes": boxes, "det_classes": labels, "det_scores": scores}
+
+    def remap_classes(
+        self, sample: dict[str, Any], lut: np.ndarray, ignore_index: int
+    ) -> dict[str, Any]:
+        if "box_labels" not in sample:
+            return sample
+        return {**sample, "box_labels": torch.from_numpy(lut[np.asarray(sample["box_labels"])])}
+
+    def store_stats(self) -> StoreStats:
+        return _DetectionStats()
+
+    @classmethod
+    def format_store_stats(cls, stats: Mapping[str, Any]) -> list[str]:
+        hist = ", ".join(f"{k}: {v}" for k, v in stats["boxes_per_image_hist"].items())
+        edges = stats["score_hist_edges"]
+        scores = ", ".join(
+            f"[{edges[i]:.1f},{edges[i + 1]:.1f}{']' if i == len(edges) - 2 else ')'}: {n}"
+            for i, n in enumerate(stats["score_hist"])
+            if n
+        )
+        return [
+            f"  boxes per image mean {stat_text(stats['boxes_per_image_mean'], 2)} "
+            f"({stats['boxes']} boxes)",
+            f"  boxes per image histogram: {hist}",
+            f"  score histogram (pseudo): {scores or 'no boxes'}",
+        ]
+
+    def store_lines(self, sample: Mapping[str, Any]) -> list[str]:
+        return [f"boxes: {len(sample['boxes'])}"] if "boxes" in sample else []
+
+
+BOX_BINS = (0, 1, 2, 3, 4, 5, 10)  # boxes per image: 0, 1, 2, 3, 4, 5-9, 10+
+SCORE_BINS = 10  # score histogram over [0, 1]
+
+
+class _DetectionStats(StoreStats):
+    """Boxes per image (mean, histogram) and the score histogram of the pseudo labels."""
+
+    def __init__(self) -> None:
+        self.boxes: list[int] = []
+        self.scores: list[np.ndarray] = []
+
+    def add(self, fields: Mapping[str, np.ndarray], origin: str) -> None:
+        self.boxes.append(len(fields["det_classes"]))
+        if origin == "pseudo":
+            self.scores.append(fields["det_scores"].astype(np.float32))
+
+    def result(self) -> dict[str, Any]:
+        b = np.asarray(self.boxes, np.int64)
+        edges = [*BOX_BINS, math.inf]
+        s = np.concatenate(self.scores) if self.scores else np.zeros(0, np.float32)
+        score_edges = [i / SCORE_BINS for i in range(SCORE_BINS + 1)]
+        return {
+            "images": len(b),
+            "boxes": int(b.sum()),
+            "boxes_per_image_mean": float(b.mean()) if len(b) else None,
+            "boxes_per_image_hist": {
+                (
+                    f"{lo}" if hi - lo == 1 else f"{lo}+" if hi == math.inf else f"{lo}-{hi - 1}"
+                ): int(((b >= lo) & (b < hi)).sum())
+                for lo, hi in itertools.pairwise(edges)
+            },
+            "score_hist_edges": score_edges,
+            "score_hist": [int(c) for c in np.histogram(s, bins=score_edges)[0]],
+            "score_mean": float(s.mean()) if s.size else None,
         }
 
 

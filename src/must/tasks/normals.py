@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -21,8 +21,22 @@ from torchmetrics import Metric
 
 from must import imageio
 from must.features import FeatureSpec
-from must.tasks.base import TaskHead, full_precision
-from must.tasks.pixel import PixelHead, PixelTask, collate_dense, target_field
+from must.tasks.base import (
+    StoreCheck,
+    StoreStats,
+    TaskHead,
+    full_precision,
+    label_size,
+    stat_text,
+)
+from must.tasks.pixel import (
+    PixelHead,
+    PixelTask,
+    collate_dense,
+    resize_nearest,
+    resize_to,
+    target_field,
+)
 
 VALID_NORM = 0.5  # labels are unit vectors or zero; anything in between is resampling blur
 THRESHOLDS_DEG = (11.25, 22.5, 30.0)
@@ -190,3 +204,91 @@ class NormalsTask(PixelTask):
 
     def new_metric(self) -> Metric:
         return NormalsMetric()
+
+    # -- store and labelling: ``normals`` float16 (3, h, w) unit camera-frame vectors,
+    # (0, 0, 0) = invalid; encoding and checks, the conversions, statistics
+
+    store_encoding: ClassVar[dict[str, Any]] = {
+        "fields": {"normals": "float16"},
+        "frame": "camera: x right, y down, z forward",
+        "invalid": 0,
+    }
+    # A stored vector's length may differ from 1 by float16 rounding (< 1e-3 per component).
+    STORE_UNIT_TOLERANCE = 1e-2
+
+    def to_store(
+        self,
+        prediction: Any,
+        image_size: tuple[int, int],
+        input_size: tuple[int, int],
+        settings: Mapping[str, Any],
+    ) -> dict[str, np.ndarray]:
+        """Unit vectors (3, h, w) -> bilinearly resized to the label size and renormalised
+        (interpolating unit vectors shortens them); only a vector that vanishes entirely
+        (exactly opposite neighbours) is stored invalid."""
+        size = label_size(image_size, float(settings.get("label_scale", 1.0)))
+        n = torch.as_tensor(prediction).float().reshape(1, 3, *np.shape(prediction)[-2:])
+        return {"normals": _unit_or_zero(resize_to(n, size)[0], 1e-6)}
+
+    def label_to_store(
+        self, sample: Mapping[str, Any], label_size: tuple[int, int]
+    ) -> dict[str, np.ndarray] | None:
+        """Real normals nearest-resized to the label size, valid ones renormalised (a PNG's
+        8 bits leave them slightly off unit length), invalid ones (0, 0, 0)."""
+        if "normals" not in sample:
+            return None
+        n = torch.as_tensor(sample["normals"]).as_subclass(torch.Tensor).float()
+        n = resize_nearest(n.reshape(3, *n.shape[-2:]), label_size)
+        return {"normals": _unit_or_zero(n, VALID_NORM)}
+
+    def from_store(
+        self, fields: Mapping[str, np.ndarray], image_size: tuple[int, int]
+    ) -> dict[str, Any]:
+        """(3, H, W) float32 at the image's own size (nearest: vectors stay unit, zeros
+        stay invalid)."""
+        n = torch.from_numpy(fields["normals"].astype(np.float32))
+        return {"normals": resize_nearest(n, image_size)}
+
+    def check_store_fields(
+        self, check: StoreCheck, task: str, given: Mapping[str, Any]
+    ) -> dict[str, np.ndarray]:
+        n = check.array(given["normals"], task, "normals", "float16", 3)
+        if n.shape[0] != 3:
+            raise check.fail(f"{task}.normals has shape {n.shape}, expected (3, h, w)")
+        length = np.sqrt((n.astype(np.float32) ** 2).sum(0))
+        invalid = (n == 0).all(0)
+        if (np.abs(length - 1.0) > self.STORE_UNIT_TOLERANCE)[~invalid].any():
+            raise check.fail(f"{task}.normals has vectors that are neither unit nor (0, 0, 0)")
+        return {"normals": n}
+
+    def store_stats(self) -> StoreStats:
+        return _NormalsStats()
+
+    @classmethod
+    def format_store_stats(cls, stats: Mapping[str, Any]) -> list[str]:
+        return [
+            f"  invalid pixels: {stat_text(stats['invalid_fraction'])} of {stats['pixels']} pixels"
+        ]
+
+
+def _unit_or_zero(n: torch.Tensor, min_length: float) -> np.ndarray:
+    """(3, h, w) vectors -> float16 unit vectors; those not longer than ``min_length`` -> 0."""
+    length = n.norm(dim=0, keepdim=True)
+    unit = torch.where(length > min_length, n / length.clamp(min=1e-12), torch.zeros_like(n))
+    return unit.numpy().astype(np.float16)
+
+
+class _NormalsStats(StoreStats):
+    """Pixels and the fraction of them invalid ((0, 0, 0))."""
+
+    def __init__(self) -> None:
+        self.pixels = self.invalid = 0
+
+    def add(self, fields: Mapping[str, np.ndarray], origin: str) -> None:
+        n = fields["normals"]
+        self.pixels += n[0].size
+        self.invalid += int((n == 0).all(0).sum())
+
+    def result(self) -> dict[str, Any]:
+        fraction = self.invalid / self.pixels if self.pixels else None
+        return {"pixels": self.pixels, "invalid_fraction": fraction}

@@ -11,18 +11,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torchmetrics import Metric
 from torchvision import tv_tensors
 
 from must import imageio
 from must.errors import ConfigError, DataError
 from must.features import FeatureSpec
-from must.tasks.base import TaskHead, full_precision, label_size
+from must.tasks.base import (
+    StoreCheck,
+    StoreStats,
+    TaskHead,
+    full_precision,
+    label_size,
+    stat_text,
+)
 from must.tasks.pixel import (
     PixelHead,
     PixelTask,
@@ -236,3 +244,79 @@ class SegmentationTask(PixelTask):
         seg = torch.from_numpy(fields["seg_map"].astype(np.int64))
         seg[seg == STORE_IGNORE] = self.config.ignore_index  # this task's ignore value
         return {"segmentation": tv_tensors.Mask(resize_nearest(seg, image_size))}
+
+    # -- store and labelling: encoding and checks, settings, remapping, statistics
+
+    store_encoding: ClassVar[dict[str, Any]] = {
+        "fields": {"seg_map": "uint8"},
+        "ignore_index": STORE_IGNORE,
+    }
+
+    class LabelSettings(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        seg_threshold: float = Field(
+            0.5, description="ignore (255) pixels whose top class probability is below it"
+        )
+
+        @field_validator("seg_threshold")
+        @classmethod
+        def _fraction(cls, value: float) -> float:
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"seg_threshold must be in [0, 1], got {value}")
+            return value
+
+    label_settings_type = LabelSettings
+
+    @classmethod
+    def check_store_classes(cls, where: str, classes: list[str] | None) -> None:
+        super().check_store_classes(where, classes)
+        if len(classes or []) > STORE_IGNORE:
+            raise ConfigError(f"{where}: at most {STORE_IGNORE} classes")
+
+    def check_store_fields(
+        self, check: StoreCheck, task: str, given: Mapping[str, Any]
+    ) -> dict[str, np.ndarray]:
+        k = self.num_classes
+        m = check.array(given["seg_map"], task, "seg_map", "uint8", 2)
+        if ((m >= k) & (m != STORE_IGNORE)).any():
+            raise check.fail(f"{task}.seg_map has class ids >= {k} (ignore is {STORE_IGNORE})")
+        return {"seg_map": m}
+
+    def remap_classes(
+        self, sample: dict[str, Any], lut: np.ndarray, ignore_index: int
+    ) -> dict[str, Any]:
+        if "segmentation" not in sample:
+            return sample
+        seg = np.asarray(sample["segmentation"]).astype(np.int64)
+        ignored = seg == ignore_index
+        mapped = np.full(seg.shape, STORE_IGNORE, np.int64)
+        mapped[~ignored] = lut[seg[~ignored]]
+        return {**sample, "segmentation": torch.from_numpy(mapped)}
+
+    def store_stats(self) -> StoreStats:
+        return _SegmentationStats()
+
+    @classmethod
+    def format_store_stats(cls, stats: Mapping[str, Any]) -> list[str]:
+        return [
+            f"  ignored pixels (pseudo): {stat_text(stats['ignored_fraction'])} of "
+            f"{stats['pixels']} pixels"
+        ]
+
+
+class _SegmentationStats(StoreStats):
+    """The fraction of ignored pixels of the pseudo labels, pooled."""
+
+    def __init__(self) -> None:
+        self.ignored = self.pixels = 0
+
+    def add(self, fields: Mapping[str, np.ndarray], origin: str) -> None:
+        if origin == "pseudo":
+            seg = fields["seg_map"]
+            self.ignored += int((seg == STORE_IGNORE).sum())
+            self.pixels += seg.size
+
+    def result(self) -> dict[str, Any]:
+        fraction = self.ignored / self.pixels if self.pixels else None
+        return {"pixels": self.pixels, "ignored_fraction": fraction}
