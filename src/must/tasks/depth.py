@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, model_validator
 from torchmetrics import Metric
 
-from must.data.transforms import Depth
+from must.dense import Depth
 from must.features import FeatureSpec
 from must.tasks.base import TaskHead, full_precision, label_size
 from must.tasks.pixel import (
