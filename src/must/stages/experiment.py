@@ -40,6 +40,7 @@ from must.config import (
     presets_dir,
     same_run,
 )
+from must.data.styles import rendered_tasks
 from must.errors import ConfigError, MustError, nearest_line
 from must.files import write_bytes_atomic
 
@@ -88,7 +89,8 @@ class TransferStage(_Strict):
     num: int = Field(600, ge=1)
     render_size: int = Field(64, ge=16)
     render_seed: int = 2
-    tasks: list[TaskName] = ["classification", "detection", "segmentation", "depth", "normals"]
+    # Default: every registered task the scene world renders.
+    tasks: list[TaskName] = Field(default_factory=rendered_tasks)
     # finetune: every weight trains; probe: the backbone stays fixed, the head trains.
     modes: list[Literal["finetune", "probe"]] = ["finetune", "probe"]
     config: Step = Step(config="transfer_cpu")

@@ -21,6 +21,7 @@ from torchmetrics import Metric
 
 from must.features import LAST_STAGE, FeatureSpec, require
 from must.tasks.base import Task, TaskConfig, TaskHead, full_precision
+from must.tasks.registry import register_task
 
 SOFT_KEY = "classification_soft"
 
@@ -90,6 +91,7 @@ class ClassificationMetric(Metric):
         return {"top1": self.correct1 / n, "top5": self.correct5 / n}
 
 
+@register_task
 class ClassificationTask(Task):
     """Whole-image classification over ``classes``."""
 

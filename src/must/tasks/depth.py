@@ -35,6 +35,7 @@ from must.tasks.pixel import (
     resize_to,
     target_field,
 )
+from must.tasks.registry import register_task
 
 
 class DepthConfig(PixelTaskConfig):
@@ -170,6 +171,7 @@ class DepthMetric(Metric):
         }
 
 
+@register_task
 class DepthTask(PixelTask):
     """Metric depth regression (metres)."""
 

@@ -38,6 +38,7 @@ from torchvision.transforms.v2.functional import convert_bounding_box_format
 from must.errors import ConfigError
 from must.features import LEVEL_STRIDES, LEVELS, FeatureSpec, require
 from must.tasks.base import Task, TaskConfig, TaskHead
+from must.tasks.registry import register_task
 
 LOSS_NAMES = {
     "loss_objectness": "rpn_objectness",
@@ -401,6 +402,7 @@ def original_target(original: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     }
 
 
+@register_task
 class DetectionTask(Task):
     """Box detection over ``classes``; primary metric COCO mAP@[.5:.95]."""
 

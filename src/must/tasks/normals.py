@@ -19,6 +19,7 @@ from torchmetrics import Metric
 from must.features import FeatureSpec
 from must.tasks.base import TaskHead, full_precision
 from must.tasks.pixel import PixelHead, PixelTask, collate_dense, target_field
+from must.tasks.registry import register_task
 
 VALID_NORM = 0.5  # labels are unit vectors or zero; anything in between is resampling blur
 THRESHOLDS_DEG = (11.25, 22.5, 30.0)
@@ -130,6 +131,7 @@ def median_from_histogram(hist: torch.Tensor, bin_width: float) -> float:
     return float(((bins.double() + 0.5) * bin_width).mean())
 
 
+@register_task
 class NormalsTask(PixelTask):
     """Surface normal estimation (unit vectors in camera coordinates)."""
 

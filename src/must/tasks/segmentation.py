@@ -30,6 +30,7 @@ from must.tasks.pixel import (
     resize_to,
     target_field,
 )
+from must.tasks.registry import register_task
 
 STORE_IGNORE = 255  # the store's ignore value (docs/store.md)
 
@@ -114,6 +115,7 @@ def miou_from_confusion(conf: torch.Tensor) -> tuple[float, torch.Tensor]:
     return miou, iou
 
 
+@register_task
 class SegmentationTask(PixelTask):
     """Semantic segmentation with a per-pixel softmax over ``classes``."""
 
