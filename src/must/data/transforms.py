@@ -26,6 +26,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from must.dense import Depth, Normals
+from must.tasks import TASK_TYPES
 
 __all__ = [
     "RESIZE_MODES",
@@ -87,11 +88,14 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-# Detection ground truth kept at the image's own size for scoring (see ``keep_original``).
-# ``crowd_boxes``/``crowd_labels`` (COCO ``iscrowd`` regions) and ``box_areas`` (COCO's
-# ``area`` of each box) are optional sample keys: only evaluation reads them.
-_ORIGINAL_KEYS = ("boxes", "box_labels", "box_areas", "crowd_boxes", "crowd_labels")
-_EVAL_ONLY_KEYS = ("box_areas", "crowd_boxes", "crowd_labels")
+def _original_keys() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(keys kept at the image's own size for scoring, the eval-only ones among them), over
+    the registered tasks (see ``Task.original_keys``)."""
+    kinds = TASK_TYPES.values()
+    return (
+        tuple(k for kind in kinds for k in kind.original_keys),
+        tuple(k for kind in kinds for k in kind.eval_only_keys),
+    )
 
 
 class MultiTaskTransform:
@@ -121,33 +125,21 @@ class MultiTaskTransform:
         self.drop_masks = drop_masks
 
     def _prepare(self, sample: Mapping[str, Any]) -> dict[str, Any]:
-        # Plain tensors would be passed through by v2 (an Image is present), so give every dense
-        # label its type; as_subclass-style wrapping copies no data and leaves the input alone.
+        # Plain tensors would be passed through by v2 (an Image is present), so each task gives
+        # its labels their types; as_subclass-style wrapping copies no data and leaves the
+        # input alone.
         out = dict(sample)
         if "image" in out and not isinstance(out["image"], tv_tensors.Image):
             out["image"] = tv_tensors.Image(out["image"])
-        for key in ("segmentation", "instance_masks"):
-            if key in out and not isinstance(out[key], tv_tensors.Mask):
-                out[key] = tv_tensors.Mask(out[key])
-        if "depth" in out:
-            # The pipeline's setting wins over whatever flag the reader attached.
-            out["depth"] = Depth(out["depth"], scales_with_zoom=self.depth_scales_with_zoom)
-        if "normals" in out and not isinstance(out["normals"], Normals):
-            out["normals"] = Normals(out["normals"])
-        if "boxes" in out and not isinstance(out["boxes"], tv_tensors.BoundingBoxes):
-            raise TypeError("'boxes' must be tv_tensors.BoundingBoxes (XYXY)")
-        # v2's query_size ignores custom TVTensors, so it cannot catch a mismatched depth map.
-        if "image" in out:
-            hw = tuple(out["image"].shape[-2:])
-            for key in ("depth", "normals"):
-                if key in out and tuple(out[key].shape[-2:]) != hw:
-                    raise ValueError(f"{key} is {tuple(out[key].shape[-2:])}, image is {hw}")
+        for kind in TASK_TYPES.values():
+            out = kind.wrap_for_transforms(out, scales_with_zoom=self.depth_scales_with_zoom)
         return out
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         prepared = self._prepare(sample)
         # Eval-only ground truth stays out of the v2 pipeline (it is never augmented).
-        extra = {k: prepared.pop(k) for k in _EVAL_ONLY_KEYS if k in prepared}
+        original_keys, eval_only_keys = _original_keys()
+        extra = {k: prepared.pop(k) for k in eval_only_keys if k in prepared}
         if self.drop_masks:
             # No head reads instance masks; without a crop they cannot empty a box either.
             prepared.pop("instance_masks", None)
@@ -158,7 +150,7 @@ class MultiTaskTransform:
             out["original"] = {
                 "size": (int(h), int(w)),
                 "scale": (th / h, tw / w),
-                **{k: _plain(both[k]) for k in _ORIGINAL_KEYS if k in both},
+                **{k: _plain(both[k]) for k in original_keys if k in both},
             }
         return out
 

@@ -9,7 +9,7 @@ are present. Target (from :meth:`ClassificationTask.collate`): ``{"probs": (B, K
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -162,3 +162,24 @@ class ClassificationTask(Task):
         self, fields: Mapping[str, np.ndarray], image_size: tuple[int, int]
     ) -> dict[str, Any]:
         return {SOFT_KEY: torch.from_numpy(fields["cls_probs"].astype(np.float32))}
+
+    # -- pictures, transforms and evaluation
+
+    nothing_to_measure = "no image has a class label"
+
+    @classmethod
+    def label_text(cls, entries: Mapping[str, Any], classes: Sequence[str]) -> str | None:
+        """The class name (a soft label: its most likely class)."""
+        if "classification" in entries:
+            index = int(entries["classification"])
+        elif SOFT_KEY in entries:
+            index = int(torch.as_tensor(entries[SOFT_KEY]).argmax())
+        else:
+            return None
+        return classes[index] if index < len(classes) else str(index)
+
+    def prediction_entries(
+        self, prediction: Any, image_size: tuple[int, int]
+    ) -> dict[str, Any] | None:
+        """The most likely class."""
+        return {"classification": torch.as_tensor(prediction).argmax()}

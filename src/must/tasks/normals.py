@@ -9,16 +9,25 @@ label) pixels are never learned nor scored. Predictions: unit vectors (B, 3, H, 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
+from must.dense import Normals
 from must.features import FeatureSpec
 from must.tasks.base import TaskHead, full_precision
-from must.tasks.pixel import PixelHead, PixelTask, collate_dense, target_field
+from must.tasks.draw import fit_map
+from must.tasks.pixel import (
+    PixelHead,
+    PixelTask,
+    check_dense_size,
+    collate_dense,
+    target_field,
+)
 from must.tasks.registry import register_task
 
 VALID_NORM = 0.5  # labels are unit vectors or zero; anything in between is resampling blur
@@ -153,3 +162,39 @@ class NormalsTask(PixelTask):
 
     def new_metric(self) -> Metric:
         return NormalsMetric()
+
+    # -- pictures, transforms and evaluation
+
+    picture = "panel"
+    pad_fill: ClassVar[Mapping[str, float]] = {"normals": 0.0}
+    nothing_to_measure = "every label pixel is (0, 0, 0), the invalid normal"
+
+    @classmethod
+    def wrap_for_transforms(
+        cls, sample: dict[str, Any], *, scales_with_zoom: bool
+    ) -> dict[str, Any]:
+        if "normals" in sample:
+            if not isinstance(sample["normals"], Normals):
+                sample["normals"] = Normals(sample["normals"])
+            check_dense_size(sample, "normals")
+        return sample
+
+    @classmethod
+    def draw(
+        cls,
+        entries: Mapping[str, Any],
+        image: torch.Tensor,
+        classes: Sequence[str],
+        source_size: tuple[int, int],
+    ) -> torch.Tensor | None:
+        """Normals as colours, (x, y, z) in [-1, 1] -> RGB, invalid black."""
+        if "normals" not in entries:
+            return None
+        n = np.asarray(fit_map(entries["normals"], image.shape[-2:]))
+        rgb = np.where(np.abs(n).sum(0) > 0, (n + 1) / 2 * 255, 0).round().astype(np.uint8)
+        return torch.from_numpy(rgb)
+
+    def prediction_entries(
+        self, prediction: Any, image_size: tuple[int, int]
+    ) -> dict[str, Any] | None:
+        return {"normals": torch.as_tensor(prediction).numpy()}

@@ -9,8 +9,8 @@ Predictions: logits (B, K, H, W).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from torchvision import tv_tensors
 
 from must.features import FeatureSpec
 from must.tasks.base import TaskHead, full_precision, label_size
+from must.tasks.draw import class_palette, fit_map
 from must.tasks.pixel import (
     PixelHead,
     PixelTask,
@@ -183,3 +184,40 @@ class SegmentationTask(PixelTask):
         seg = torch.from_numpy(fields["seg_map"].astype(np.int64))
         seg[seg == STORE_IGNORE] = self.config.ignore_index  # this task's ignore value
         return {"segmentation": tv_tensors.Mask(resize_nearest(seg, image_size))}
+
+    # -- pictures, transforms and evaluation
+
+    picture = "panel"
+    pad_fill: ClassVar[Mapping[str, float]] = {"segmentation": STORE_IGNORE}
+    nothing_to_measure = "every label pixel is the ignore value"
+
+    @classmethod
+    def wrap_for_transforms(
+        cls, sample: dict[str, Any], *, scales_with_zoom: bool
+    ) -> dict[str, Any]:
+        if "segmentation" in sample and not isinstance(sample["segmentation"], tv_tensors.Mask):
+            sample["segmentation"] = tv_tensors.Mask(sample["segmentation"])
+        return sample
+
+    @classmethod
+    def draw(
+        cls,
+        entries: Mapping[str, Any],
+        image: torch.Tensor,
+        classes: Sequence[str],
+        source_size: tuple[int, int],
+    ) -> torch.Tensor | None:
+        """The class map in the classes' colours, ignored pixels black."""
+        if "segmentation" not in entries:
+            return None
+        seg = np.asarray(fit_map(entries["segmentation"], image.shape[-2:])).astype(np.int64)
+        rgb = class_palette(256)[np.clip(seg, 0, 255)]
+        rgb[seg == STORE_IGNORE] = 0
+        return torch.from_numpy(rgb).permute(2, 0, 1)
+
+    def prediction_entries(
+        self, prediction: Any, image_size: tuple[int, int]
+    ) -> dict[str, Any] | None:
+        """The argmax class of every pixel (no threshold)."""
+        fields = self.to_store(prediction, image_size, image_size, {"seg_threshold": 0.0})
+        return self.from_store(fields, image_size)
