@@ -1,5 +1,5 @@
-"""What every task provides. One object per task; adding a task is adding a file and one line
-in ``must.tasks.TASK_TYPES``.
+"""What every task provides. One object per task; adding a task is adding a file with a
+subclass decorated with ``must.tasks.register_task``.
 
 A task owns: the sample keys holding its labels, its vocabulary, its head (built on the shared
 backbone), batching its labels (images without a label are marked absent), its loss (over
