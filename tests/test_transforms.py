@@ -176,7 +176,7 @@ def test_eval_resize_never_changes_depth_values(
     size: tuple[int, int], mask_resize_takes_mode: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # torchvision < 0.29's resize_mask takes no interpolation argument: same values either way.
-    import must.data.transforms as module
+    import must.dense as module
 
     if not mask_resize_takes_mode:
         plain = F.resize_mask

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -21,8 +22,17 @@ from must.data.source import DataSource
 from must.errors import ConfigError, describe_validation_error
 from must.extends import deep_merge, resolve_extends
 from must.models.backbone import RESNET, BackboneConfig
+from must.tasks import TASK_TYPES
 
-TaskName = Literal["classification", "detection", "segmentation", "depth", "normals"]
+
+def _task_name(value: str) -> str:
+    if value not in TASK_TYPES:
+        raise ValueError(f"unknown task {value!r}; known tasks: {', '.join(TASK_TYPES)}")
+    return value
+
+
+# A registered task name (must.tasks); checked when validated, so tasks registered later count.
+TaskName = Annotated[str, AfterValidator(_task_name)]
 
 
 def _workers(value: Any) -> int | str:

@@ -4,68 +4,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
-from torchvision.transforms.v2 import functional as F
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
+from PIL import Image
+from torchvision.utils import make_grid
 
 from must.data.readers import MultiTaskDataset
+from must.tasks import TASK_TYPES, Task
+from must.tasks.draw import class_palette, colorize_depth, fit_map, text_panel
 
-# Anchor colours of a perceptually ordered map (dark purple -> yellow), like viridis.
-_RAMP = np.array(
-    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float32
-)
-
-
-_PIXEL_KEYS = ("image", "instance_masks", "segmentation", "depth", "normals")
-
-
-def colorize_depth(depth: np.ndarray) -> np.ndarray:
-    """(H, W) metres -> (H, W, 3) uint8; near is bright, invalid (0) is black."""
-    valid = depth > 0
-    out = np.zeros((*depth.shape, 3), np.uint8)
-    if not valid.any():
-        return out
-    lo, hi = np.percentile(depth[valid], [1, 99])
-    x = 1 - np.clip((depth - lo) / max(hi - lo, 1e-6), 0, 1)
-    pos = x * (len(_RAMP) - 1)
-    i = np.minimum(pos.astype(int), len(_RAMP) - 2)
-    f = (pos - i)[..., None]
-    rgb = _RAMP[i] * (1 - f) + _RAMP[i + 1] * f
-    out[valid] = rgb[valid].astype(np.uint8)
-    return out
+__all__ = [
+    "class_palette",
+    "colorize_depth",
+    "sample_panels",
+    "show_dataset",
+    "task_picture",
+    "text_panel",
+]
 
 
-def class_palette(n: int, seed: int = 0) -> np.ndarray:
-    """n distinct-ish colours (uint8), stable for a given n."""
-    rng = np.random.default_rng(seed)
-    return (rng.uniform(40, 255, (max(n, 1), 3))).astype(np.uint8)
-
-
-def _fit(sample: dict, side: int) -> dict:
-    """The sample's pixel arrays and boxes scaled so its longer side is ``side`` (aspect
-    kept): images of any size then fit one panel size (labels and upscaling: nearest)."""
-    height, width = sample["image"].shape[-2:]
+def _fit_image(image: torch.Tensor, side: int) -> torch.Tensor:
+    """The image scaled so its longer side is ``side`` (aspect kept): images of any size then
+    fit one panel size (smooth when made smaller, nearest when made larger)."""
+    height, width = image.shape[-2:]
     scale = side / max(height, width)
     size = [max(1, round(height * scale)), max(1, round(width * scale))]
-    out = dict(sample)
-    for key in _PIXEL_KEYS:
-        if key not in sample:
-            continue
-        t = torch.as_tensor(sample[key]).as_subclass(torch.Tensor)
-        smooth = key == "image" and scale < 1
-        mode = F.InterpolationMode.BILINEAR if smooth else F.InterpolationMode.NEAREST
-        flat = t.reshape(-1, *t.shape[-2:])
-        if flat.numel():
-            flat = F.resize(flat, size, interpolation=mode, antialias=smooth)
-        else:
-            flat = flat.new_zeros((*flat.shape[:-2], *size))
-        out[key] = flat.reshape(*t.shape[:-2], *size)
-    if "boxes" in sample:
-        boxes = torch.as_tensor(sample["boxes"]).as_subclass(torch.Tensor).float()
-        out["boxes"] = boxes * torch.tensor([size[1] / width, size[0] / height] * 2)
-    return out
+    return fit_map(image, size, smooth=scale < 1)
 
 
 def _letterbox(panel: torch.Tensor, side: int) -> torch.Tensor:
@@ -80,65 +43,59 @@ def _letterbox(panel: torch.Tensor, side: int) -> torch.Tensor:
 def sample_panels(
     sample: dict, classes: dict[str, list[str]], min_side: int = 192
 ) -> list[torch.Tensor]:
-    """Panels (3, side, side) uint8: image with boxes and instance masks, class map, depth,
-    normals.
+    """Panels (3, side, side) uint8: the image with the labels drawn over it (boxes and
+    instance masks), then one panel per task that draws its labels apart (``Task.picture ==
+    "panel"``, in registration order: class map, depth, normals), blank when the sample lacks
+    that task's labels.
 
     Each image is scaled (aspect kept) so its longer side is ``side`` = ``min_side`` and
     letterboxed, so images of any size share one panel size and small ones keep readable
     box labels."""
     side = min_side
-    sample = _fit(sample, side)
-    image = sample["image"].clone()
+    source = tuple(sample["image"].shape[-2:])
+    image = _fit_image(sample["image"], side).clone()
     height, width = image.shape[-2:]
     blank = torch.zeros_like(image)
-    panels = []
-    drawn = image
-    if "instance_masks" in sample and len(sample["instance_masks"]):
-        drawn = draw_segmentation_masks(drawn, sample["instance_masks"].bool(), alpha=0.35)
-    if "boxes" in sample and len(sample["boxes"]):
-        names = classes.get("detection", [])
-        labels = [names[i] if i < len(names) else str(i) for i in sample["box_labels"].tolist()]
-        drawn = draw_bounding_boxes(drawn, sample["boxes"], labels=labels, colors="white")
-    panels.append(drawn)
-    if "segmentation" in sample:
-        seg = np.asarray(sample["segmentation"]).astype(np.int64)
-        pal = class_palette(256)
-        rgb = pal[np.clip(seg, 0, 255)]
-        rgb[seg == 255] = 0
-        panels.append(torch.from_numpy(rgb).permute(2, 0, 1))
-    else:
-        panels.append(blank)
-    if "depth" in sample:
-        depth = np.asarray(sample["depth"])[0]
-        panels.append(torch.from_numpy(colorize_depth(depth)).permute(2, 0, 1))
-    else:
-        panels.append(blank)
-    if "normals" in sample:
-        n = np.asarray(sample["normals"])
-        rgb = np.where(np.abs(n).sum(0) > 0, (n + 1) / 2 * 255, 0).round().astype(np.uint8)
-        panels.append(torch.from_numpy(rgb))
-    else:
-        panels.append(blank)
-    return [_letterbox(p[:, :height, :width], side) for p in panels]
+    drawn, panels = image, []
+    for kind in TASK_TYPES.values():
+        names = classes.get(kind.name, [])
+        if kind.picture == "overlay":
+            out = kind.draw(sample, drawn, names, source)
+            drawn = drawn if out is None else out
+        elif kind.picture == "panel":
+            out = kind.draw(sample, image, names, source)
+            panels.append(blank if out is None else out)
+    return [_letterbox(p[:, :height, :width], side) for p in (drawn, *panels)]
 
 
-def text_panel(lines: list[str], height: int, width: int) -> torch.Tensor:
-    """A (3, height, width) uint8 panel with ``lines`` of text, white on black."""
-    canvas = Image.new("RGB", (width, height))
-    draw = ImageDraw.Draw(canvas)
-    for i, line in enumerate(lines):
-        draw.text((4, 4 + 13 * i), line, fill=(255, 255, 255))
-    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1)
+def task_picture(
+    task: Task | type[Task],
+    entries: dict,
+    image: torch.Tensor,
+    classes: list[str],
+    min_side: int = 192,
+) -> torch.Tensor | None:
+    """One task's label or prediction (sample ``entries`` at ``image``'s size) as a (3, side,
+    side) panel, fitted like :func:`sample_panels`; None when the task draws no picture of
+    them."""
+    side = min_side
+    fitted = _fit_image(image, side).clone()
+    height, width = fitted.shape[-2:]
+    panel = task.draw(entries, fitted, classes, tuple(image.shape[-2:]))
+    return None if panel is None else _letterbox(panel[:, :height, :width], side)
 
 
 def show_dataset(root: str | Path, out: str | Path, split: str = "train", num: int = 8) -> Path:
-    """Write a PNG grid: one row per sample (image+boxes+masks, class map, depth, normals)."""
+    """Write a PNG grid: one row per sample (image+boxes+masks, class map, depth, normals:
+    :func:`sample_panels`)."""
     dataset = MultiTaskDataset(root, split=split, masks=True)
     count = min(num, len(dataset))
-    panels = []
+    panels, per_row = [], 1
     for i in range(count):
-        panels.extend(sample_panels(dataset[i], dataset.classes))
-    grid = make_grid(panels, nrow=4, padding=2, pad_value=255)
+        row = sample_panels(dataset[i], dataset.classes)
+        panels.extend(row)
+        per_row = len(row)
+    grid = make_grid(panels, nrow=per_row, padding=2, pad_value=255)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out)

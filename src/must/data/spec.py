@@ -12,8 +12,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from must.errors import ConfigError, describe_validation_error
+from must.tasks import TASK_TYPES
 
-TASKS = ("classification", "detection", "segmentation", "depth", "normals")
+# The registered task names, in registration order (a live view: tasks registered later count).
+TASKS = TASK_TYPES.keys()
 MANIFEST_NAMES = ("manifest.json", "dataset.yaml", "dataset.yml")
 
 
@@ -112,7 +114,7 @@ class SplitSpec(_Strict):
     normals: NormalsSource | None = None
 
     def tasks(self) -> list[str]:
-        return [t for t in TASKS if getattr(self, t) is not None]
+        return [t for t in TASKS if getattr(self, t, None) is not None]
 
 
 class DatasetSpec(_Strict):

@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from must.data.sample import SceneSample
 from must.data.scenes import (
@@ -139,7 +139,7 @@ class TextureSpec(_Strict):
 class Style(_Strict):
     name: str
     description: str
-    tasks: list[Literal["classification", "detection", "segmentation", "depth", "normals"]]
+    tasks: list[str]  # registered task names (must.tasks)
     # A mixed style draws each image from one of these styles (they must share categories).
     mix: list[str] = []
     categories: list[CategorySpec] = []
@@ -152,6 +152,14 @@ class Style(_Strict):
     textures: TextureSpec = TextureSpec()
     noise: float = Field(0.01, ge=0)
     min_box_pixels: int = Field(6, ge=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
+        return tasks
 
     @model_validator(mode="after")
     def _complete(self) -> Style:
@@ -185,6 +193,13 @@ class Style(_Strict):
 def builtin_style_names() -> list[str]:
     root = resources.files("must.data") / "styles"
     return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def rendered_tasks() -> list[str]:
+    """The registered tasks some built-in style labels (the scene world renders them), in
+    registration order."""
+    labelled = {t for name in builtin_style_names() for t in load_style(name).tasks}
+    return [t for t in TASKS if t in labelled]
 
 
 def _raw_style(name_or_path: str) -> tuple[dict, str]:
@@ -392,5 +407,6 @@ __all__ = [
     "builtin_style_names",
     "load_style",
     "render_index",
+    "rendered_tasks",
     "sample_scene",
 ]

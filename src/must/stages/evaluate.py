@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -18,8 +19,8 @@ from must.data.spec import load_spec
 from must.data.transforms import RESIZE_MODES
 from must.errors import ConfigError, DataError
 from must.summary import run_info
+from must.tasks import TASK_TYPES
 from must.tasks.base import Task
-from must.tasks.detection import to_original
 from must.training.data import make_dataset, make_loader
 
 
@@ -69,13 +70,14 @@ def evaluate(
             raise ConfigError(
                 f"{dataset.manifest}: {name} classes {theirs} do not match the checkpoint's {mine}"
             )
-    if predictions is not None and "detection" not in shared:
+    exported = _results_task(shared, model.tasks)
+    if predictions is not None and exported is None:
         raise ConfigError(
             f"--predictions writes detections, but {dataset.manifest} split {split!r} and the "
             f"checkpoint share no detection task (shared: {', '.join(shared)})"
         )
     kept: list[tuple[str, dict]] | None = [] if predictions is not None else None
-    results = run_metrics(model, dataset, shared, batch_size, progress, kept)
+    results = run_metrics(model, dataset, shared, batch_size, progress, kept, exported)
     if predictions is not None:
         save_json(coco_results(dataset, kept or []), Path(predictions))
         print(f"wrote {len(kept or [])} images' detections as COCO results to {predictions}")
@@ -91,9 +93,13 @@ def run_metrics(
     batch_size: int,
     progress: bool = True,
     detections: list[tuple[str, dict]] | None = None,
+    exported: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics per task; ``detections`` (a list) also receives (key, predictions in the
-    image's own pixels) for every image with detection ground truth."""
+    image's own pixels) of task ``exported`` (default: the first of ``tasks`` whose
+    predictions ``--predictions`` writes) for every image with its ground truth."""
+    if exported is None:
+        exported = _results_task(tasks, model.tasks)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     metrics = {name: model.tasks[name].new_metric().to(device) for name in tasks}
@@ -104,17 +110,15 @@ def run_metrics(
         for name, metric in metrics.items():
             if name in batch.targets:
                 metric.update(predictions[name], batch.targets[name])
-        target = batch.targets.get("detection")
+        target = batch.targets.get(exported) if exported is not None else None
         if detections is not None and target is not None:
-            for key, pred, present, original in zip(
-                batch.keys,
-                predictions["detection"],
-                target["present"],
-                target["original"],
-                strict=True,
-            ):
-                if bool(present):
-                    detections.append((key, to_original(pred, original)))
+            task = model.tasks[exported]
+            mapped = task.predictions_to_original(predictions[exported], target) or []
+            detections.extend(
+                (key, pred)
+                for key, pred in zip(batch.keys, mapped, strict=True)
+                if pred is not None
+            )
     return {
         name: {k: float(v) for k, v in metric.compute().items()}
         for name, metric in metrics.items()
@@ -131,14 +135,10 @@ class NothingToMeasure(DataError):
         self.results = results
 
 
-# Why a task can have no defined metric although its images were read.
-_NOTHING_VALID = {
-    "classification": "no image has a class label",
-    "detection": "no image has a ground-truth box",
-    "segmentation": "every label pixel is the ignore value",
-    "depth": "no label pixel holds a valid depth (> 0)",
-    "normals": "every label pixel is (0, 0, 0), the invalid normal",
-}
+def _results_task(names: list[str], tasks: Mapping[str, Task | type[Task]]) -> str | None:
+    """The first task of ``names`` whose predictions ``--predictions`` writes (as COCO
+    results: ``Task.results_format``), None if none."""
+    return next((n for n in names if tasks[n].results_format == "coco"), None)
 
 
 def is_undefined(value: float) -> bool:
@@ -156,7 +156,7 @@ def check_measured(results: dict[str, dict[str, float]], tasks: dict[str, Task],
         if values is None:
             problems.append(f"{name}: no image of the split has a {name} label")
         elif is_undefined(values[task.primary_metric]):
-            problems.append(f"{name}: nothing valid to measure, {_NOTHING_VALID[name]}")
+            problems.append(f"{name}: nothing valid to measure, {task.nothing_to_measure}")
         else:
             good[name] = values
     if problems:
@@ -184,13 +184,20 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _coco_ids(dataset: MultiTaskDataset) -> tuple[dict[str, int], dict[int, int]]:
-    """(image key -> COCO image id, class index -> COCO category id) from the split's COCO
-    JSON, inverting the reader's mapping (declared class names, else sorted category ids)."""
-    path = dataset.base / dataset.source.detection.annotations
+def _coco_ids(
+    dataset: MultiTaskDataset, task: str | None = None
+) -> tuple[dict[str, int], dict[int, int]]:
+    """(image key -> COCO image id, class index -> COCO category id) from the COCO JSON of
+    ``task`` (default: the split's first task written as COCO results), inverting the
+    reader's mapping (declared class names, else sorted category ids)."""
+    if task is None:
+        task = _results_task([t for t in dataset.tasks if t in TASK_TYPES], TASK_TYPES)
+    if task is None:
+        raise DataError(dataset.manifest, "no task of this split has COCO annotations")
+    path = dataset.base / getattr(dataset.source, task).annotations
     raw = json.loads(path.read_bytes())
     cats = {c["id"]: c["name"] for c in raw["categories"]}
-    names = dataset.classes["detection"]
+    names = dataset.classes[task]
     category: dict[int, int] = {}
     for cid in sorted(cats):
         if cats[cid] in names:
@@ -203,10 +210,12 @@ def _coco_ids(dataset: MultiTaskDataset) -> tuple[dict[str, int], dict[int, int]
     return images, category
 
 
-def coco_results(dataset: MultiTaskDataset, detections: list[tuple[str, dict]]) -> list[dict]:
+def coco_results(
+    dataset: MultiTaskDataset, detections: list[tuple[str, dict]], task: str | None = None
+) -> list[dict]:
     """Detections in COCO's results format: ``image_id`` and ``category_id`` as in the
     dataset's COCO JSON, ``bbox`` [x, y, w, h] in the image's own pixels, ``score``."""
-    images, category = _coco_ids(dataset)
+    images, category = _coco_ids(dataset, task)
     out = []
     for key, pred in detections:
         image_id = images.get(key, images.get(Path(key).stem))

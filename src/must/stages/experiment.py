@@ -41,6 +41,7 @@ from must.config import (
     same_run,
 )
 from must.data.source import DataSource
+from must.data.styles import rendered_tasks
 from must.errors import ConfigError, MustError, nearest_line
 from must.files import write_bytes_atomic
 from must.stages.label import label_setting_defaults
@@ -94,7 +95,8 @@ class TransferStage(DataSource, _Strict):
     num: int = Field(600, ge=1)
     render_seed: int = 2
     cache: str | None = None  # None: the experiment's data_cache
-    tasks: list[TaskName] = ["classification", "detection", "segmentation", "depth", "normals"]
+    # Default: every registered task the scene world renders.
+    tasks: list[TaskName] = Field(default_factory=rendered_tasks)
     # finetune: every weight trains; probe: the backbone stays fixed, the head trains.
     modes: list[Literal["finetune", "probe"]] = ["finetune", "probe"]
     config: Step = Step(config="transfer_cpu")

@@ -303,7 +303,7 @@ def example_predictions(model_dir: Path, dataset: str, out: Path, num: int = 3) 
     from must.checkpoint import MODEL_FILE, load_model
     from must.config import AugmentConfig
     from must.data.readers import MultiTaskDataset
-    from must.data.show import sample_panels, text_panel
+    from must.data.show import sample_panels
     from must.data.spec import load_spec
     from must.training.data import augmentation
 
@@ -317,7 +317,6 @@ def example_predictions(model_dir: Path, dataset: str, out: Path, num: int = 3) 
     ds = MultiTaskDataset(
         dataset, split="test", transform=augmentation(AugmentConfig(), size, False)
     )
-    panel_of = {"detection": 0, "segmentation": 1, "depth": 2, "normals": 3}
     tiles = []
     for i in range(min(num, len(ds))):
         sample = ds[i]
@@ -328,41 +327,32 @@ def example_predictions(model_dir: Path, dataset: str, out: Path, num: int = 3) 
         for task_name, task in model.tasks.items():
             if not task.has_label(sample):
                 continue
-            pred = predictions[task_name]
-            one = pred[0]
-            if task_name == "classification":
-                names = task.classes
-                truth = int(sample["classification"])
-                guess = int(torch.as_tensor(one).argmax())
-                tiles += [
-                    shown,
-                    text_panel(["truth:", names[truth]], *shown.shape[-2:]),
-                    text_panel(["prediction:", names[guess]], *shown.shape[-2:]),
-                ]
-                continue
-            if task_name == "normals":
-                predicted = {"normals": one.numpy()}
-            else:
-                fields = task.to_store(
-                    one,
-                    (size, size),
-                    (size, size),
-                    {"det_threshold": 0.5, "seg_threshold": 0.0, "temperature": 1.0},
-                )
-                predicted = task.from_store(fields, (size, size))
-            k = panel_of[task_name]
-            classes = {task_name: task.classes or []}
-            gt = sample_panels(
-                {**{key: sample[key] for key in task.label_keys}, "image": sample["image"]}, classes
-            )[k]
-            pr = sample_panels({**predicted, "image": sample["image"]}, classes)[k]
-            tiles += [shown, gt, pr]
+            truth = {key: sample[key] for key in task.label_keys if key in sample}
+            gt = _picture(task, truth, sample["image"], "truth:", shown)
+            if gt is None:
+                continue  # a task without a picture or a text of its labels
+            size = tuple(sample["image"].shape[-2:])
+            predicted = task.prediction_entries(predictions[task_name][0], size)
+            pr = _picture(task, predicted or {}, sample["image"], "prediction:", shown)
+            tiles += [shown, gt, torch.zeros_like(shown) if pr is None else pr]
     if not tiles:
         return None
     grid = make_grid(tiles, nrow=3, padding=2, pad_value=255)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out)
     return out
+
+
+def _picture(task: Any, entries: dict, image: Any, caption: str, shown: Any) -> Any:
+    """A task's label or prediction as a panel: its picture, else its text under
+    ``caption``, else None."""
+    from must.data.show import task_picture, text_panel
+
+    panel = task_picture(task, entries, image, task.classes)
+    if panel is not None:
+        return panel
+    text = task.label_text(entries, task.classes)
+    return None if text is None else text_panel([caption, text], *shown.shape[-2:])
 
 
 def write_report(runs: list[str | Path], out: str | Path) -> Path:

@@ -1,4 +1,5 @@
-"""Tasks by name. Adding a task is adding a module and one line here."""
+"""Tasks by name. Adding a task is writing a :class:`Task` subclass decorated with
+:func:`register_task` (and importing its module; the built-in ones are imported here)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ from pydantic import ValidationError
 
 from must.errors import ConfigError, describe_validation_error
 from must.tasks.base import Batch, Task, TaskConfig, TaskHead
-from must.tasks.classification import ClassificationTask
-from must.tasks.depth import DepthTask
-from must.tasks.detection import DetectionTask
-from must.tasks.normals import NormalsTask
-from must.tasks.segmentation import SegmentationTask
+from must.tasks.registry import TASK_TYPES, register_task, task_names
 
-TASK_TYPES: dict[str, type[Task]] = {
-    t.name: t for t in (ClassificationTask, DetectionTask, SegmentationTask, DepthTask, NormalsTask)
-}
+# The built-in tasks register in the order they are imported here, which is the order tasks are
+# listed everywhere (dataset tasks, tables, pictures).
+# isort: off
+from must.tasks import classification as classification
+from must.tasks import detection as detection
+from must.tasks import segmentation as segmentation
+from must.tasks import depth as depth
+from must.tasks import normals as normals
+# isort: on
 
 
 def build_task(name: str, classes: list[str] | None, config: dict[str, Any] | None = None) -> Task:
@@ -33,4 +36,13 @@ def build_task(name: str, classes: list[str] | None, config: dict[str, Any] | No
     return kind(classes if kind.needs_classes else None, cfg)
 
 
-__all__ = ["TASK_TYPES", "Batch", "Task", "TaskConfig", "TaskHead", "build_task"]
+__all__ = [
+    "TASK_TYPES",
+    "Batch",
+    "Task",
+    "TaskConfig",
+    "TaskHead",
+    "build_task",
+    "register_task",
+    "task_names",
+]

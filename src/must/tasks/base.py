@@ -1,5 +1,5 @@
-"""What every task provides. One object per task; adding a task is adding a file and one line
-in ``must.tasks.TASK_TYPES``.
+"""What every task provides. One object per task; adding a task is adding a file with a
+subclass decorated with ``must.tasks.register_task``.
 
 A task owns: the sample keys holding its labels, its vocabulary, its head (built on the shared
 backbone), batching its labels (images without a label are marked absent), its loss (over
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
@@ -286,6 +286,70 @@ class Task(ABC):
     def store_lines(self, sample: Mapping[str, Any]) -> list[str]:
         """Text lines about this task's label in a sample (``must label show``'s text panel)."""
         return []
+
+    # -- pictures, transforms and evaluation (must.data.show, must.data.transforms,
+    # must.training.data, must report, must eval)
+
+    # How dataset pictures show the labels: "overlay" drawn over the image (boxes), "panel" in
+    # a panel of its own (blank for a sample without them), None: not drawn there.
+    picture: ClassVar[Literal["overlay", "panel"] | None] = None
+    # Fill of each dense sample key when a batch of mixed image sizes is padded: a value the
+    # loss and the metric ignore.
+    pad_fill: ClassVar[Mapping[str, float]] = {}
+    # Trained on aspect-preserving resizes of real images of any shape (``data.resize: auto``
+    # picks ``keep_aspect`` for a dataset folder) rather than on square crops.
+    needs_aspect: ClassVar[bool] = False
+    # Why the primary metric can be undefined although labelled images were read (must eval).
+    nothing_to_measure: ClassVar[str] = "no label holds a value the metric can score"
+    # Sample keys kept untouched at the image's own size for scoring (evaluation transform's
+    # ``"original"``), and those of them only evaluation reads (kept out of augmentation).
+    original_keys: ClassVar[tuple[str, ...]] = ()
+    eval_only_keys: ClassVar[tuple[str, ...]] = ()
+    # Format ``must eval --predictions`` writes this task's predictions in (None: not written).
+    results_format: ClassVar[str | None] = None
+
+    @classmethod
+    def wrap_for_transforms(
+        cls, sample: dict[str, Any], *, scales_with_zoom: bool
+    ) -> dict[str, Any]:
+        """Give this task's entries of ``sample`` (a new dict the caller owns, its image
+        already a ``tv_tensors.Image``) the tv_tensor types that ``torchvision.transforms.v2``
+        moves with the image; plain tensors would be passed through unmoved. The default
+        leaves them alone (labels that no geometric transform changes). ``scales_with_zoom``:
+        the pipeline's setting for values that follow the field of view (depth)."""
+        return sample
+
+    @classmethod
+    def draw(
+        cls,
+        entries: Mapping[str, Any],
+        image: torch.Tensor,
+        classes: Sequence[str],
+        source_size: tuple[int, int],
+    ) -> torch.Tensor | None:
+        """A picture of this task's label or prediction in ``entries`` (sample entries at
+        ``source_size``, the image's own (H, W)): ``image`` (3, h, w) uint8, the picture's
+        image, with the labels drawn over it (``picture == "overlay"``) or a (3, h, w) uint8
+        panel of its own (``"panel"``); None when ``entries`` hold nothing to draw."""
+        return None
+
+    @classmethod
+    def label_text(cls, entries: Mapping[str, Any], classes: Sequence[str]) -> str | None:
+        """This task's label in ``entries`` as a short text (for labels without a picture,
+        e.g. a class name); None when there is none."""
+        return None
+
+    def prediction_entries(
+        self, prediction: Any, image_size: tuple[int, int]
+    ) -> dict[str, Any] | None:
+        """One image's prediction (this task's part of ``model(images)`` in eval mode, at
+        ``image_size``) as sample entries, for pictures; None: not shown."""
+        return None
+
+    def predictions_to_original(self, predictions: Any, target: Any) -> list[Any] | None:
+        """A batch's predictions mapped to each image's own pixels when ``target`` (this
+        task's collated target) carries each image's original size; None when it does not."""
+        return None
 
 
 def label_size(image_size: tuple[int, int], scale: float) -> tuple[int, int]:

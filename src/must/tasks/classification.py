@@ -10,7 +10,7 @@ are present. Target (from :meth:`ClassificationTask.collate`): ``{"probs": (B, K
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,6 +33,7 @@ from must.tasks.base import (
     full_precision,
     stat_text,
 )
+from must.tasks.registry import register_task
 
 SOFT_KEY = "classification_soft"
 
@@ -102,6 +103,7 @@ class ClassificationMetric(Metric):
         return {"top1": self.correct1 / n, "top5": self.correct5 / n}
 
 
+@register_task
 class ClassificationTask(Task):
     """Whole-image classification over ``classes``."""
 
@@ -267,6 +269,27 @@ class ClassificationTask(Task):
             f"{names[c] if c < len(names) else c}: {probs[c]:.2f}"
             for c in np.argsort(-probs, kind="stable")[:3]
         ]
+
+    # -- pictures, transforms and evaluation
+
+    nothing_to_measure = "no image has a class label"
+
+    @classmethod
+    def label_text(cls, entries: Mapping[str, Any], classes: Sequence[str]) -> str | None:
+        """The class name (a soft label: its most likely class)."""
+        if "classification" in entries:
+            index = int(entries["classification"])
+        elif SOFT_KEY in entries:
+            index = int(torch.as_tensor(entries[SOFT_KEY]).argmax())
+        else:
+            return None
+        return classes[index] if index < len(classes) else str(index)
+
+    def prediction_entries(
+        self, prediction: Any, image_size: tuple[int, int]
+    ) -> dict[str, Any] | None:
+        """The most likely class."""
+        return {"classification": torch.as_tensor(prediction).argmax()}
 
 
 class _ClassificationStats(StoreStats):

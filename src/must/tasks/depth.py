@@ -15,7 +15,7 @@ the metric see is the clamped one.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from torchmetrics import Metric
 
 from must import imageio
-from must.data.transforms import Depth
+from must.dense import Depth
 from must.features import FeatureSpec
 from must.tasks.base import (
     StoreCheck,
@@ -36,15 +36,18 @@ from must.tasks.base import (
     label_size,
     stat_text,
 )
+from must.tasks.draw import colorize_depth, fit_map
 from must.tasks.pixel import (
     PixelHead,
     PixelTask,
     PixelTaskConfig,
+    check_dense_size,
     collate_dense,
     resize_nearest,
     resize_to,
     target_field,
 )
+from must.tasks.registry import register_task
 
 
 class DepthConfig(PixelTaskConfig):
@@ -180,6 +183,7 @@ class DepthMetric(Metric):
         }
 
 
+@register_task
 class DepthTask(PixelTask):
     """Metric depth regression (metres)."""
 
@@ -300,6 +304,41 @@ class DepthTask(PixelTask):
             f"[{stat_text(stats['min_m'], 2)}, {stat_text(stats['max_m'], 2)}] m, "
             f"invalid fraction {stat_text(stats['invalid_fraction'])}"
         ]
+
+    # -- pictures, transforms and evaluation
+
+    picture = "panel"
+    pad_fill: ClassVar[Mapping[str, float]] = {"depth": 0.0}
+    nothing_to_measure = "no label pixel holds a valid depth (> 0)"
+
+    @classmethod
+    def wrap_for_transforms(
+        cls, sample: dict[str, Any], *, scales_with_zoom: bool
+    ) -> dict[str, Any]:
+        if "depth" in sample:
+            # The pipeline's setting wins over whatever flag the reader attached.
+            sample["depth"] = Depth(sample["depth"], scales_with_zoom=scales_with_zoom)
+            check_dense_size(sample, "depth")
+        return sample
+
+    @classmethod
+    def draw(
+        cls,
+        entries: Mapping[str, Any],
+        image: torch.Tensor,
+        classes: Sequence[str],
+        source_size: tuple[int, int],
+    ) -> torch.Tensor | None:
+        """Depth in a perceptual colour map, near bright, invalid black."""
+        if "depth" not in entries:
+            return None
+        depth = np.asarray(fit_map(entries["depth"], image.shape[-2:]))[0]
+        return torch.from_numpy(colorize_depth(depth)).permute(2, 0, 1)
+
+    def prediction_entries(
+        self, prediction: Any, image_size: tuple[int, int]
+    ) -> dict[str, Any] | None:
+        return self.from_store(self.to_store(prediction, image_size, image_size, {}), image_size)
 
 
 class _DepthStats(StoreStats):

@@ -20,7 +20,7 @@ import itertools
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,11 +39,14 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.transforms.v2.functional import convert_bounding_box_format
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from must.errors import ConfigError, DataError
 from must.features import LEVEL_STRIDES, LEVELS, FeatureSpec, require
 from must.files import write_atomic
 from must.tasks.base import StoreCheck, StoreStats, Task, TaskConfig, TaskHead, stat_text
+from must.tasks.draw import fit_map
+from must.tasks.registry import register_task
 
 LOSS_NAMES = {
     "loss_objectness": "rpn_objectness",
@@ -407,6 +410,7 @@ def original_target(original: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     }
 
 
+@register_task
 class DetectionTask(Task):
     """Box detection over ``classes``; primary metric COCO mAP@[.5:.95]."""
 
@@ -672,6 +676,72 @@ class DetectionTask(Task):
 
     def store_lines(self, sample: Mapping[str, Any]) -> list[str]:
         return [f"boxes: {len(sample['boxes'])}"] if "boxes" in sample else []
+
+    # -- pictures, transforms and evaluation
+
+    picture = "overlay"
+    pad_fill: ClassVar[Mapping[str, float]] = {"instance_masks": 0}
+    needs_aspect = True
+    nothing_to_measure = "no image has a ground-truth box"
+    # ``crowd_boxes``/``crowd_labels`` (COCO ``iscrowd`` regions) and ``box_areas`` (COCO's
+    # ``area`` of each box) are optional sample keys: only evaluation reads them.
+    original_keys = ("boxes", "box_labels", "box_areas", "crowd_boxes", "crowd_labels")
+    eval_only_keys = ("box_areas", "crowd_boxes", "crowd_labels")
+    results_format = "coco"
+
+    @classmethod
+    def wrap_for_transforms(
+        cls, sample: dict[str, Any], *, scales_with_zoom: bool
+    ) -> dict[str, Any]:
+        if "instance_masks" in sample and not isinstance(sample["instance_masks"], tv_tensors.Mask):
+            sample["instance_masks"] = tv_tensors.Mask(sample["instance_masks"])
+        if "boxes" in sample and not isinstance(sample["boxes"], tv_tensors.BoundingBoxes):
+            raise TypeError("'boxes' must be tv_tensors.BoundingBoxes (XYXY)")
+        return sample
+
+    @classmethod
+    def draw(
+        cls,
+        entries: Mapping[str, Any],
+        image: torch.Tensor,
+        classes: Sequence[str],
+        source_size: tuple[int, int],
+    ) -> torch.Tensor | None:
+        """Instance masks, then boxes named by their class, over the image."""
+        if "boxes" not in entries and "instance_masks" not in entries:
+            return None
+        height, width = image.shape[-2:]
+        drawn = image
+        if "instance_masks" in entries and len(entries["instance_masks"]):
+            masks = fit_map(entries["instance_masks"], (height, width)).bool()
+            drawn = draw_segmentation_masks(drawn, masks, alpha=0.35)
+        if "boxes" in entries and len(entries["boxes"]):
+            boxes = torch.as_tensor(entries["boxes"]).as_subclass(torch.Tensor).float()
+            boxes = boxes * torch.tensor([width / source_size[1], height / source_size[0]] * 2)
+            ids = torch.as_tensor(entries["box_labels"]).tolist()
+            labels = [classes[i] if i < len(classes) else str(i) for i in ids]
+            drawn = draw_bounding_boxes(drawn, boxes, labels=labels, colors="white")
+        return drawn
+
+    def prediction_entries(
+        self, prediction: Any, image_size: tuple[int, int]
+    ) -> dict[str, Any] | None:
+        """The boxes scored at least 0.5."""
+        fields = self.to_store(prediction, image_size, image_size, {"det_threshold": 0.5})
+        return self.from_store(fields, image_size)
+
+    def predictions_to_original(self, predictions: Any, target: Any) -> list[Any] | None:
+        """Each image's boxes in its own pixels (evaluation targets carry ``original``);
+        None for an image without ground truth."""
+        originals = target.get("original") if isinstance(target, dict) else None
+        if originals is None:
+            return None
+        return [
+            to_original(pred, original) if bool(present) else None
+            for pred, present, original in zip(
+                predictions, target["present"], originals, strict=True
+            )
+        ]
 
 
 BOX_BINS = (0, 1, 2, 3, 4, 5, 10)  # boxes per image: 0, 1, 2, 3, 4, 5-9, 10+

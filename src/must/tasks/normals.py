@@ -9,7 +9,7 @@ label) pixels are never learned nor scored. Predictions: unit vectors (B, 3, H, 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +20,7 @@ from PIL import Image
 from torchmetrics import Metric
 
 from must import imageio
+from must.dense import Normals
 from must.features import FeatureSpec
 from must.tasks.base import (
     StoreCheck,
@@ -29,14 +30,17 @@ from must.tasks.base import (
     label_size,
     stat_text,
 )
+from must.tasks.draw import fit_map
 from must.tasks.pixel import (
     PixelHead,
     PixelTask,
+    check_dense_size,
     collate_dense,
     resize_nearest,
     resize_to,
     target_field,
 )
+from must.tasks.registry import register_task
 
 VALID_NORM = 0.5  # labels are unit vectors or zero; anything in between is resampling blur
 THRESHOLDS_DEG = (11.25, 22.5, 30.0)
@@ -148,6 +152,7 @@ def median_from_histogram(hist: torch.Tensor, bin_width: float) -> float:
     return float(((bins.double() + 0.5) * bin_width).mean())
 
 
+@register_task
 class NormalsTask(PixelTask):
     """Surface normal estimation (unit vectors in camera coordinates)."""
 
@@ -167,8 +172,6 @@ class NormalsTask(PixelTask):
 
     @classmethod
     def label_entries(cls, labels: Mapping[str, Any], canvas_size: tuple[int, int]) -> dict:
-        from must.data.transforms import Normals  # the dense tv_tensor types' home for now
-
         return {cls.name: Normals(torch.from_numpy(labels[cls.name]))}
 
     @classmethod
@@ -269,6 +272,42 @@ class NormalsTask(PixelTask):
         return [
             f"  invalid pixels: {stat_text(stats['invalid_fraction'])} of {stats['pixels']} pixels"
         ]
+
+    # -- pictures, transforms and evaluation
+
+    picture = "panel"
+    pad_fill: ClassVar[Mapping[str, float]] = {"normals": 0.0}
+    nothing_to_measure = "every label pixel is (0, 0, 0), the invalid normal"
+
+    @classmethod
+    def wrap_for_transforms(
+        cls, sample: dict[str, Any], *, scales_with_zoom: bool
+    ) -> dict[str, Any]:
+        if "normals" in sample:
+            if not isinstance(sample["normals"], Normals):
+                sample["normals"] = Normals(sample["normals"])
+            check_dense_size(sample, "normals")
+        return sample
+
+    @classmethod
+    def draw(
+        cls,
+        entries: Mapping[str, Any],
+        image: torch.Tensor,
+        classes: Sequence[str],
+        source_size: tuple[int, int],
+    ) -> torch.Tensor | None:
+        """Normals as colours, (x, y, z) in [-1, 1] -> RGB, invalid black."""
+        if "normals" not in entries:
+            return None
+        n = np.asarray(fit_map(entries["normals"], image.shape[-2:]))
+        rgb = np.where(np.abs(n).sum(0) > 0, (n + 1) / 2 * 255, 0).round().astype(np.uint8)
+        return torch.from_numpy(rgb)
+
+    def prediction_entries(
+        self, prediction: Any, image_size: tuple[int, int]
+    ) -> dict[str, Any] | None:
+        return {"normals": torch.as_tensor(prediction).numpy()}
 
 
 def _unit_or_zero(n: torch.Tensor, min_length: float) -> np.ndarray:

@@ -12,7 +12,7 @@ task's loss ignores, and a ``present`` flag.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,15 @@ def collate_dense(
     out = torch.full((len(samples), *shape), fill, dtype=dtype)
     out[torch.tensor(present)] = torch.stack(labels)
     return out, torch.tensor(present, dtype=torch.bool)
+
+
+def check_dense_size(sample: Mapping[str, Any], key: str) -> None:
+    """Refuse a dense label whose size is not its image's: v2's ``query_size`` ignores custom
+    tv_tensors, so the transforms would not catch it."""
+    if "image" in sample:
+        hw = tuple(sample["image"].shape[-2:])
+        if tuple(sample[key].shape[-2:]) != hw:
+            raise ValueError(f"{key} is {tuple(sample[key].shape[-2:])}, image is {hw}")
 
 
 def narrow_classes(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:

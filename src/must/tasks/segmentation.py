@@ -9,7 +9,7 @@ Predictions: logits (B, K, H, W).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,6 +31,7 @@ from must.tasks.base import (
     label_size,
     stat_text,
 )
+from must.tasks.draw import class_palette, fit_map
 from must.tasks.pixel import (
     PixelHead,
     PixelTask,
@@ -41,6 +42,7 @@ from must.tasks.pixel import (
     resize_to,
     target_field,
 )
+from must.tasks.registry import register_task
 
 STORE_IGNORE = 255  # the store's ignore value (docs/store.md)
 
@@ -125,6 +127,7 @@ def miou_from_confusion(conf: torch.Tensor) -> tuple[float, torch.Tensor]:
     return miou, iou
 
 
+@register_task
 class SegmentationTask(PixelTask):
     """Semantic segmentation with a per-pixel softmax over ``classes``."""
 
@@ -303,6 +306,43 @@ class SegmentationTask(PixelTask):
             f"  ignored pixels (pseudo): {stat_text(stats['ignored_fraction'])} of "
             f"{stats['pixels']} pixels"
         ]
+
+    # -- pictures, transforms and evaluation
+
+    picture = "panel"
+    pad_fill: ClassVar[Mapping[str, float]] = {"segmentation": STORE_IGNORE}
+    nothing_to_measure = "every label pixel is the ignore value"
+
+    @classmethod
+    def wrap_for_transforms(
+        cls, sample: dict[str, Any], *, scales_with_zoom: bool
+    ) -> dict[str, Any]:
+        if "segmentation" in sample and not isinstance(sample["segmentation"], tv_tensors.Mask):
+            sample["segmentation"] = tv_tensors.Mask(sample["segmentation"])
+        return sample
+
+    @classmethod
+    def draw(
+        cls,
+        entries: Mapping[str, Any],
+        image: torch.Tensor,
+        classes: Sequence[str],
+        source_size: tuple[int, int],
+    ) -> torch.Tensor | None:
+        """The class map in the classes' colours, ignored pixels black."""
+        if "segmentation" not in entries:
+            return None
+        seg = np.asarray(fit_map(entries["segmentation"], image.shape[-2:])).astype(np.int64)
+        rgb = class_palette(256)[np.clip(seg, 0, 255)]
+        rgb[seg == STORE_IGNORE] = 0
+        return torch.from_numpy(rgb).permute(2, 0, 1)
+
+    def prediction_entries(
+        self, prediction: Any, image_size: tuple[int, int]
+    ) -> dict[str, Any] | None:
+        """The argmax class of every pixel (no threshold)."""
+        fields = self.to_store(prediction, image_size, image_size, {"seg_threshold": 0.0})
+        return self.from_store(fields, image_size)
 
 
 class _SegmentationStats(StoreStats):

@@ -19,11 +19,17 @@ from must.data.readers import MultiTaskDataset
 from must.data.source import is_dataset_folder
 from must.data.transforms import build_transforms
 from must.errors import ConfigError, DataError
+from must.tasks import TASK_TYPES
 from must.tasks.base import Batch, Task
 
-# Fill of each dense key when a batch is padded: nothing a loss or metric counts (black
-# image, the segmentation ignore value, invalid depth and normals, no instance).
-_PAD_FILL = {"image": 0, "segmentation": 255, "depth": 0, "normals": 0, "instance_masks": 0}
+
+def _pad_fill() -> dict[str, float]:
+    """Fill of each dense key when a batch is padded: nothing a loss or metric counts (a
+    black image; each task's own fill, ``Task.pad_fill``)."""
+    fill: dict[str, float] = {"image": 0}
+    for kind in TASK_TYPES.values():
+        fill.update(kind.pad_fill)
+    return fill
 
 
 def pad_samples(samples: list[dict], divisor: int) -> list[dict]:
@@ -39,7 +45,7 @@ def pad_samples(samples: list[dict], divisor: int) -> list[dict]:
     out = []
     for s in samples:
         s = dict(s)
-        for key, fill in _PAD_FILL.items():
+        for key, fill in _pad_fill().items():
             if key in s:
                 t = torch.as_tensor(s[key]).as_subclass(torch.Tensor)
                 pad = (0, width - t.shape[-1], 0, height - t.shape[-2])
@@ -122,14 +128,15 @@ def make_dataset(
 
 def resize_mode(cfg: DataConfig, dataset: MultiTaskDataset, tasks: list[str] | None = None) -> str:
     """``data.resize``, with ``auto`` resolved: aspect-preserving when the run trains (or
-    scores) detection on a dataset folder of real images (any shape), square otherwise:
-    styles render square images, and classification, segmentation and depth train on
-    square crops whatever else the folder labels."""
+    scores) a task that needs it (``Task.needs_aspect``: detection) on a dataset folder of
+    real images (any shape), square otherwise: styles render square images, and the other
+    tasks train on square crops whatever else the folder labels."""
     if cfg.resize != "auto":
         return cfg.resize
     rendered = "render" in dataset.spec.meta
     used = dataset.tasks if tasks is None else [t for t in tasks if t in dataset.tasks]
-    return "keep_aspect" if "detection" in used and not rendered else "square"
+    aspect = any(TASK_TYPES[t].needs_aspect for t in used if t in TASK_TYPES)
+    return "keep_aspect" if aspect and not rendered else "square"
 
 
 def require_task(dataset: MultiTaskDataset, task: str, what: str) -> None:
