@@ -74,7 +74,7 @@ class _NoFiles(Task):
 def test_a_task_without_file_hooks_is_named_when_its_labels_are_asked_for(tmp_path, monkeypatch):
     write(tmp_path, {"train": {"a": make_scene(0, 0)}}, options(["depth", "normals"]))
     monkeypatch.setitem(TASK_TYPES, "normals", _NoFiles)
-    with pytest.raises(ConfigError, match=r"task 'normals' has no read_label_file hook"):
+    with pytest.raises(ConfigError, match=r"task 'normals' has no source_type hook"):
         MultiTaskDataset(tmp_path)
     # The other tasks' labels still read when it is left out.
     assert MultiTaskDataset(tmp_path, tasks=["depth"])[0]["depth"].shape == (1, 24, 32)

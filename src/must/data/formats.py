@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from must.data.sample import SceneSample
-from must.data.spec import TASKS, DatasetSpec, SplitSpec
+from must.data.spec import TASKS, dataset_spec_type
 from must.errors import ConfigError, DataError
 from must.files import write_atomic
 from must.imageio import MAX_UINT16, encode_depth, encode_normals, save_png, voc_palette
@@ -159,7 +159,7 @@ def finish_dataset(
         entry: dict = {"images": f"images/{split}"}
         for task in tasks:
             entry[task] = TASK_TYPES[task].rendered_source(split, recs, root, opts)
-        splits[split] = SplitSpec(**entry)
+        splits[split] = entry
 
     classes = {t: opts.classes_of(t) for t in tasks if TASK_TYPES[t].needs_classes}
     formats = {"images": "PNG, 8-bit RGB"}
@@ -169,7 +169,9 @@ def finish_dataset(
         "num_images": {split: len(recs) for split, recs in records.items()},
         "formats": formats,
     }
-    spec = DatasetSpec(name=name, splits=splits, classes=classes, meta=full_meta)
+    spec = dataset_spec_type().model_validate(
+        {"name": name, "splits": splits, "classes": classes, "meta": full_meta}
+    )
     _remove_temporaries(root)
     manifest = root / "manifest.json"
     save_json(spec.model_dump(mode="json", exclude_none=True), manifest, indent=2)

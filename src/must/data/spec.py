@@ -6,10 +6,10 @@ are encoded. Label files are matched to images by their path relative to the lab
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from must.errors import ConfigError, describe_validation_error
 from must.tasks import TASK_TYPES
@@ -23,98 +23,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ClassificationSource(_Strict):
-    """ImageFolder: the images root holds one folder per class; the folder name is the class.
-
-    ``labels``: a file of ``image class`` lines instead (whitespace- or comma-separated; the
-    image by its path under the images folder, with or without extension, or its file name;
-    only the first word of the class field counts, so ImageNet's ``LOC_val_solution.csv``
-    works as it is). A first line naming no image is taken for a header."""
-
-    format: Literal["imagefolder"] = "imagefolder"
-    labels: str | None = None
-
-
-class DetectionSource(_Strict):
-    """COCO JSON: boxes as [x, y, w, h] in pixels, optional instance masks (RLE or polygons)."""
-
-    format: Literal["coco"] = "coco"
-    annotations: str
-
-
-class SegmentationSource(_Strict):
-    """``png``: one class map per image (mode L or P) in ``root``.
-
-    ``coco``: class maps rasterised from a COCO instances JSON (``annotations``): pixels no
-    annotation covers are the ``background`` class (or the ignore value when ``background``
-    is null); crowd regions and annotations without a mask are the ignore value; where
-    instances overlap, the smaller one wins (equal areas: the later in the file)."""
-
-    format: Literal["png", "coco"] = "png"
-    root: str | None = None
-    annotations: str | None = None
-    ignore_index: int = 255
-    # ADE20K-style maps use 0 for "unlabeled" and 1..K for classes: shift them down by one.
-    reduce_zero_label: bool = False
-    background: str | None = "background"
-
-    @model_validator(mode="after")
-    def _source_is_named(self) -> SegmentationSource:
-        if self.format == "png" and self.root is None:
-            raise ValueError("format 'png' needs root (the folder of class-map PNGs)")
-        if self.format == "coco" and self.annotations is None:
-            raise ValueError("format 'coco' needs annotations (the COCO instances JSON)")
-        return self
-
-
-class DepthSource(_Strict):
-    """One 16-bit PNG per image; metres = value / scale; 0 marks invalid depth, and so do the
-    raw values listed in ``invalid`` (e.g. a sensor's saturation code) and depths beyond
-    ``max_depth`` metres.
-
-    Depth files are found in ``root`` (by relative path, else by stem), or listed in a
-    ``pairs`` file: TUM-style ``associations.txt`` lines ``time rgb/x.png time depth/y.png``
-    (or ``rgb/x.png depth/y.png``), or a CSV of ``image,depth`` rows; paths in it are relative
-    to the pairs file."""
-
-    format: Literal["png16"] = "png16"
-    root: str | None = None
-    pairs: str | None = None
-    scale: float = Field(1000.0, gt=0)
-    invalid: list[int] = Field(default_factory=list)
-    max_depth: float | None = Field(None, gt=0)
-
-    @model_validator(mode="after")
-    def _files_are_named(self) -> DepthSource:
-        if (self.root is None) == (self.pairs is None):
-            raise ValueError("give one of root (a folder of depth PNGs) or pairs (a pairs file)")
-        bad = [v for v in self.invalid if not 0 <= v <= 65535]
-        if bad:
-            raise ValueError(f"invalid values {bad} are not 16-bit values (0..65535)")
-        return self
-
-
-class NormalsSource(_Strict):
-    """Surface normals in camera coordinates (x right, y down, z forward).
-
-    ``png``: 8-bit RGB, n = v / 255 * 2 - 1, (0, 0, 0) marks invalid pixels.
-    ``npy``: float array (H, W, 3), all-zero vectors mark invalid pixels.
-    """
-
-    format: Literal["png", "npy"] = "png"
-    root: str
-
-
 class SplitSpec(_Strict):
+    """One split: ``images`` and, per task that labels it, where and how (the task's own
+    ``source_type``, e.g. ``depth: {root: depth/train, scale: 1000}``). Task entries are checked
+    against the registry when a description is loaded (:func:`dataset_spec_type`)."""
+
+    model_config = ConfigDict(extra="allow")
+
     images: str
-    classification: ClassificationSource | None = None
-    detection: DetectionSource | None = None
-    segmentation: SegmentationSource | None = None
-    depth: DepthSource | None = None
-    normals: NormalsSource | None = None
 
     def tasks(self) -> list[str]:
         return [t for t in TASKS if getattr(self, t, None) is not None]
+
+    def source(self, task: str) -> BaseModel | None:
+        """The task's source settings in this split, None when the task is not labelled."""
+        return getattr(self, task, None)
+
+
+class _TypedSplit(SplitSpec):
+    model_config = ConfigDict(extra="forbid")
 
 
 class DatasetSpec(_Strict):
@@ -139,6 +66,26 @@ def find_manifest(path: str | Path) -> Path:
     )
 
 
+def dataset_spec_type() -> type[DatasetSpec]:
+    """``DatasetSpec`` whose splits accept every registered task's source (its
+    ``source_type``) and nothing else; made again when a task registers after the last call."""
+    key = tuple((name, kind.source_type) for name, kind in TASK_TYPES.items())
+    if _SPEC_TYPES.get("key") != key:
+        fields: dict[str, Any] = {
+            # A task without dataset files keeps its entry as given: refused (naming the
+            # task and the missing hook) only when a reader is asked for its labels.
+            name: (source | None, None) if source is not None else (Any, None)
+            for name, source in key
+        }
+        split = create_model("SplitSpec", __base__=_TypedSplit, **fields)
+        spec = create_model("DatasetSpec", __base__=DatasetSpec, splits=(dict[str, split], ...))
+        _SPEC_TYPES.update(key=key, type=spec)
+    return _SPEC_TYPES["type"]
+
+
+_SPEC_TYPES: dict[str, Any] = {}
+
+
 def load_spec(path: str | Path) -> tuple[DatasetSpec, Path]:
     """Load and validate a dataset description; returns it with the folder paths are relative to."""
     file = find_manifest(path)
@@ -147,7 +94,7 @@ def load_spec(path: str | Path) -> tuple[DatasetSpec, Path]:
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"{file}: cannot read dataset description: {err}") from err
     try:
-        spec = DatasetSpec.model_validate(raw)
+        spec = dataset_spec_type().model_validate(raw)
     except ValidationError as err:
         raise ConfigError(
             f"{file}: invalid dataset description:\n{describe_validation_error(err)}"

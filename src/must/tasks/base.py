@@ -104,6 +104,9 @@ class Task(ABC):
     # ``WriteOptions``, ``sample`` a rendered scene (``must.data.sample.SceneSample``).
     # Labels in COCO instances: "instances" (boxes, masks) or "class_map" (rasterised); None: no.
     coco_labels: ClassVar[str | None] = None
+    # The settings of the task's entry in a split of a dataset description (a pydantic model:
+    # format, folder or file, encoding); None: the task has no dataset files.
+    source_type: ClassVar[type[BaseModel] | None] = None
 
     @classmethod
     def file_hook_missing(cls, hook: str) -> str:

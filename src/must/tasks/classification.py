@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -103,6 +103,20 @@ class ClassificationMetric(Metric):
         return {"top1": self.correct1 / n, "top5": self.correct5 / n}
 
 
+class ClassificationSource(BaseModel):
+    """ImageFolder: the images root holds one folder per class; the folder name is the class.
+
+    ``labels``: a file of ``image class`` lines instead (whitespace- or comma-separated; the
+    image by its path under the images folder, with or without extension, or its file name;
+    only the first word of the class field counts, so ImageNet's ``LOC_val_solution.csv``
+    works as it is). A first line naming no image is taken for a header."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["imagefolder"] = "imagefolder"
+    labels: str | None = None
+
+
 @register_task
 class ClassificationTask(Task):
     """Whole-image classification over ``classes``."""
@@ -116,6 +130,8 @@ class ClassificationTask(Task):
 
     # -- label files (see Task): class folders (ImageFolder) or class tables; the renderer
     # puts each image in its class's folder and writes no label file.
+    source_type = ClassificationSource
+
     @classmethod
     def rendered_image_folder(cls, sample: Any, options: Any, where: Path) -> str | None:
         label, classes = int(sample.image_label), options.classes_of(cls.name)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torchmetrics import Metric
 
 from must import imageio
@@ -183,6 +183,35 @@ class DepthMetric(Metric):
         }
 
 
+class DepthSource(BaseModel):
+    """One 16-bit PNG per image; metres = value / scale; 0 marks invalid depth, and so do the
+    raw values listed in ``invalid`` (e.g. a sensor's saturation code) and depths beyond
+    ``max_depth`` metres.
+
+    Depth files are found in ``root`` (by relative path, else by stem), or listed in a
+    ``pairs`` file: TUM-style ``associations.txt`` lines ``time rgb/x.png time depth/y.png``
+    (or ``rgb/x.png depth/y.png``), or a CSV of ``image,depth`` rows; paths in it are relative
+    to the pairs file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["png16"] = "png16"
+    root: str | None = None
+    pairs: str | None = None
+    scale: float = Field(1000.0, gt=0)
+    invalid: list[int] = Field(default_factory=list)
+    max_depth: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _files_are_named(self) -> DepthSource:
+        if (self.root is None) == (self.pairs is None):
+            raise ValueError("give one of root (a folder of depth PNGs) or pairs (a pairs file)")
+        bad = [v for v in self.invalid if not 0 <= v <= 65535]
+        if bad:
+            raise ValueError(f"invalid values {bad} are not 16-bit values (0..65535)")
+        return self
+
+
 @register_task
 class DepthTask(PixelTask):
     """Metric depth regression (metres)."""
@@ -197,6 +226,8 @@ class DepthTask(PixelTask):
 
     # -- label files (see Task): one 16-bit greyscale PNG per image, metres = value / scale
     # (NYU/KITTI/TUM store millimetres: scale 1000), 0 = invalid.
+    source_type = DepthSource
+
     @classmethod
     def read_label_file(
         cls, path: Path, image_size: tuple[int, int], source: Any, classes: list[str]

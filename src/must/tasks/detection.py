@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -410,6 +410,15 @@ def original_target(original: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     }
 
 
+class DetectionSource(BaseModel):
+    """COCO JSON: boxes as [x, y, w, h] in pixels, optional instance masks (RLE or polygons)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["coco"] = "coco"
+    annotations: str
+
+
 @register_task
 class DetectionTask(Task):
     """Box detection over ``classes``; primary metric COCO mAP@[.5:.95]."""
@@ -423,6 +432,7 @@ class DetectionTask(Task):
 
     # -- label files (see Task): COCO JSON (boxes, instance masks as RLE or polygons); the
     # renderer writes one COCO file per split, masks as compressed RLE.
+    source_type = DetectionSource
     coco_labels = "instances"
 
     @classmethod

@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pydantic import BaseModel, ConfigDict
 from torchmetrics import Metric
 
 from must import imageio
@@ -152,6 +153,19 @@ def median_from_histogram(hist: torch.Tensor, bin_width: float) -> float:
     return float(((bins.double() + 0.5) * bin_width).mean())
 
 
+class NormalsSource(BaseModel):
+    """Surface normals in camera coordinates (x right, y down, z forward).
+
+    ``png``: 8-bit RGB, n = v / 255 * 2 - 1, (0, 0, 0) marks invalid pixels.
+    ``npy``: float array (H, W, 3), all-zero vectors mark invalid pixels.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["png", "npy"] = "png"
+    root: str
+
+
 @register_task
 class NormalsTask(PixelTask):
     """Surface normal estimation (unit vectors in camera coordinates)."""
@@ -164,6 +178,8 @@ class NormalsTask(PixelTask):
 
     # -- label files (see Task): one 8-bit RGB PNG per image, n = v / 255 * 2 - 1, or a float
     # (H, W, 3) .npy; (0, 0, 0) = invalid. Camera frame: x right, y down, z forward.
+    source_type = NormalsSource
+
     @classmethod
     def read_label_file(
         cls, path: Path, image_size: tuple[int, int], source: Any, classes: list[str]

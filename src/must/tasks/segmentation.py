@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torchmetrics import Metric
 from torchvision import tv_tensors
 
@@ -127,6 +127,33 @@ def miou_from_confusion(conf: torch.Tensor) -> tuple[float, torch.Tensor]:
     return miou, iou
 
 
+class SegmentationSource(BaseModel):
+    """``png``: one class map per image (mode L or P) in ``root``.
+
+    ``coco``: class maps rasterised from a COCO instances JSON (``annotations``): pixels no
+    annotation covers are the ``background`` class (or the ignore value when ``background``
+    is null); crowd regions and annotations without a mask are the ignore value; where
+    instances overlap, the smaller one wins (equal areas: the later in the file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["png", "coco"] = "png"
+    root: str | None = None
+    annotations: str | None = None
+    ignore_index: int = 255
+    # ADE20K-style maps use 0 for "unlabeled" and 1..K for classes: shift them down by one.
+    reduce_zero_label: bool = False
+    background: str | None = "background"
+
+    @model_validator(mode="after")
+    def _source_is_named(self) -> SegmentationSource:
+        if self.format == "png" and self.root is None:
+            raise ValueError("format 'png' needs root (the folder of class-map PNGs)")
+        if self.format == "coco" and self.annotations is None:
+            raise ValueError("format 'coco' needs annotations (the COCO instances JSON)")
+        return self
+
+
 @register_task
 class SegmentationTask(PixelTask):
     """Semantic segmentation with a per-pixel softmax over ``classes``."""
@@ -140,6 +167,7 @@ class SegmentationTask(PixelTask):
 
     # -- label files (see Task): one class map per image (PNG of mode L or P, value = class
     # index), or rasterised from COCO instances; the renderer writes VOC-palette PNGs.
+    source_type = SegmentationSource
     coco_labels = "class_map"
 
     @classmethod

@@ -115,6 +115,10 @@ class MultiTaskDataset(Dataset):
         entries = self._index_images()
         self._sources: dict[str, LabelSource] = {}
         for task in self.tasks:
+            if TASK_TYPES[task].source_type is None:
+                raise ConfigError(
+                    f"{self.manifest}: {TASK_TYPES[task].file_hook_missing('source_type')}"
+                )
             fmt = getattr(getattr(self.source, task), "format", None)
             self._sources[task] = FORMATS[fmt](self, task)
         for task in list(self.tasks):
