@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import yaml
 
 from must.cli import build_parser
 from must.config import DataConfig, LabeledSetConfig
@@ -57,3 +58,17 @@ def test_a_bad_recipe_flag_is_one_line_naming_the_flag():
         source_from_arguments("objects", parser.parse_args(["--render-size", "8"]))
     with pytest.raises(ConfigError, match=r"--num"):
         source_from_arguments("objects", parser.parse_args(["--num", "0"]))
+
+
+def test_a_style_file_is_a_style_and_a_description_file_a_dataset(tmp_path):
+    style = tmp_path / "mine.yaml"
+    style.write_text("name: mine\nextends: objects\n")
+    folder = DataSource(dataset=str(style), num=4, render_size=32, cache=str(tmp_path)).prepare(
+        progress=False
+    )
+    assert folder.name == "mine_n4_px32_seed0" and (folder / "manifest.json").is_file()
+    described = tmp_path / "data.yaml"
+    described.write_text(
+        yaml.safe_dump({"splits": {"train": {"images": str(folder / "images/train")}}})
+    )
+    assert DataSource(dataset=str(described)).prepare() == described

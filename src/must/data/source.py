@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from must.data.spec import MANIFEST_NAMES
@@ -16,9 +17,18 @@ from must.errors import ConfigError, describe_validation_error
 
 
 def is_dataset_folder(path: str | Path) -> bool:
-    """A dataset description file, or a folder holding one (``manifest.json``/``dataset.yaml``)."""
+    """A dataset description file, or a folder holding one (``manifest.json``/``dataset.yaml``).
+    A YAML file that is a mapping without ``splits`` is a style file, not a description."""
     path = Path(path)
-    return path.is_file() or any((path / n).is_file() for n in MANIFEST_NAMES)
+    if path.is_file():
+        if path.name in MANIFEST_NAMES or path.suffix not in (".yaml", ".yml"):
+            return True
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            return True  # the description's reader names the problem
+        return not isinstance(raw, dict) or "splits" in raw
+    return any((path / n).is_file() for n in MANIFEST_NAMES)
 
 
 class DataSource(BaseModel):
