@@ -66,12 +66,8 @@ def make_scene(seed: int, label: int, height: int = 24, width: int = 32) -> Scen
 
 
 def options(tasks=ALL_TASKS) -> WriteOptions:
-    return WriteOptions(
-        tasks=list(tasks),
-        classification_classes=CATEGORIES,
-        detection_classes=CATEGORIES,
-        segmentation_classes=STUFF + CATEGORIES,
-    )
+    classes = {"classification": CATEGORIES, "detection": CATEGORIES}
+    return WriteOptions(tasks=list(tasks), classes={**classes, "segmentation": STUFF + CATEGORIES})
 
 
 def write(root: Path, samples: dict[str, dict[str, SceneSample]], opts: WriteOptions) -> Path:

@@ -11,7 +11,7 @@ from must.data.formats import WriteOptions, write_sample
 from must.data.readers import MultiTaskDataset
 from must.errors import ConfigError
 from must.tasks import TASK_TYPES, Task
-from test_formats import CATEGORIES, STUFF, make_scene, options, write
+from test_formats import make_scene, options, write
 
 
 @pytest.fixture
@@ -84,9 +84,4 @@ def test_a_task_without_file_hooks_is_named_when_its_labels_are_asked_for(tmp_pa
 
 def test_the_renderer_asks_each_task_for_its_checks():
     with pytest.raises(ConfigError, match="class 'a/b' cannot be used as a folder name"):
-        WriteOptions(
-            tasks=["classification"],
-            classification_classes=["a/b"],
-            detection_classes=CATEGORIES,
-            segmentation_classes=STUFF,
-        )
+        WriteOptions(tasks=["classification"], classes={"classification": ["a/b"]})

@@ -94,3 +94,48 @@ def test_no_verb_imports_another_verb():
             if target.startswith("must.stages") and target not in shared:
                 crossing.append(f"{file.relative_to(PACKAGE)}:{line} imports {target}")
     assert crossing == []
+
+
+# Task names that appear outside tasks/ for a reason other than knowing about the task.
+NOT_TASK_KNOWLEDGE = {
+    # the ResNet's depth setting, a shape's depth, error-message labels of the file decoders
+    ("must.models.backbone", "depth"),
+    ("must.data.styles", "depth"),
+    ("must.imageio", "segmentation"),
+    ("must.imageio", "depth"),
+    ("must.imageio", "normals"),
+    # COCO's own annotation field
+    ("must.data.readers.coco", "segmentation"),
+    # Fashion-MNIST is a classification dataset: its description names the task it labels
+    ("must.data.importers", "classification"),
+}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    out = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        first = body[0] if isinstance(body, list) and body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+            out.add(id(first.value))
+    return out
+
+
+def test_no_module_outside_tasks_names_a_task():
+    from must.tasks import TASK_TYPES
+
+    found = []
+    for file, name in _modules():
+        if _unit(name) == "tasks":
+            continue
+        tree = ast.parse(file.read_text())
+        docs = _docstrings(tree)
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Constant)
+                and node.value in TASK_TYPES
+                and id(node) not in docs
+                and (name, node.value) not in NOT_TASK_KNOWLEDGE
+            ):
+                found.append(f"{file.relative_to(PACKAGE)}:{node.lineno} {node.value!r}")
+    assert found == []

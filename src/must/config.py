@@ -187,12 +187,17 @@ class StudentDataConfig(_Strict):
     num_workers: Workers = "auto"
 
 
+def _hand_weights() -> dict[str, float]:
+    return {n: k.must_hand_weight for n, k in TASK_TYPES.items() if k.must_hand_weight is not None}
+
+
 class LossConfig(_Strict):
     # A registered weighting (must.weighting): must, equal, fixed, uncertainty, dwa,
     # pcgrad. must: w_i = (b_s * lr_i) / (b_i * lr_s) from the teachers' batch sizes and
-    # learning rates, with ``hand`` weights for the tasks MuST sets by hand (depth).
+    # learning rates, with ``hand`` weights for the tasks MuST sets by hand (default: each
+    # task's ``Task.must_hand_weight``, i.e. depth 1.0 as in the paper).
     kind: str = "must"
-    hand: dict[TaskName, float] = {"depth": 1.0}
+    hand: dict[TaskName, float] = Field(default_factory=lambda: _hand_weights())
     weights: dict[TaskName, float] = {}  # kind: fixed
     dwa_temperature: float = Field(2.0, gt=0)
     dwa_window: int = Field(50, ge=1)

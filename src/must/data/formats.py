@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +54,10 @@ _TMP_NAME = re.compile(r"^\..+\.(?:[0-9a-f]{8}-\d+-|\d+\.)[0-9a-f]{8}\.tmp$")
 @dataclass
 class WriteOptions:
     """What to write for each sample, and the label vocabularies (picklable, for workers):
-    a task's classes are the field ``{task}_classes`` (none when there is no such field)."""
+    ``classes`` maps a task to its class names (a task without classes has no entry)."""
 
     tasks: list[str]
-    classification_classes: list[str]
-    detection_classes: list[str]
-    segmentation_classes: list[str]
+    classes: dict[str, list[str]] = field(default_factory=dict)
     ignore_index: int = 255
     depth_scale: float = 1000.0
 
@@ -75,7 +73,7 @@ class WriteOptions:
             TASK_TYPES[task].check_render_options(self.classes_of(task), self)
 
     def classes_of(self, task: str) -> list[str]:
-        return list(getattr(self, f"{task}_classes", None) or [])
+        return list(self.classes.get(task) or [])
 
     def ordered_tasks(self) -> list[str]:
         """The tasks to write, in the registry's order (the files and manifest keep it)."""

@@ -104,12 +104,7 @@ def render_dataset(
             )
         manifest.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    opts = WriteOptions(
-        tasks=tasks,
-        classification_classes=style_obj.category_names,
-        detection_classes=style_obj.category_names,
-        segmentation_classes=style_obj.segmentation_classes,
-    )
+    opts = WriteOptions(tasks=tasks, classes=style_obj.classes())
     ranges = split_ranges(num, splits)
     items = [(split, i) for split, r in ranges.items() for i in r]
     job = {"style": style, "seed": seed, "size": size, "out": out, "opts": opts}

@@ -32,6 +32,7 @@ from must.data.scenes import (
 from must.data.spec import TASKS
 from must.errors import ConfigError, describe_validation_error
 from must.extends import resolve_extends
+from must.tasks import TASK_TYPES
 
 Range = tuple[float, float]
 RGB = tuple[float, float, float]
@@ -183,10 +184,16 @@ class Style(_Strict):
         return list(self.stuff) + self.category_names
 
     def classes(self) -> dict[str, list[str]]:
+        """Each task's class names in this style: the vocabulary its task says its rendered
+        labels index (``Task.scene_vocabulary``); tasks without classes have none."""
+        vocabularies = {
+            "categories": self.category_names,
+            "stuff_and_categories": self.segmentation_classes,
+        }
         return {
-            "classification": self.category_names,
-            "detection": self.category_names,
-            "segmentation": self.segmentation_classes,
+            name: vocabularies[kind.scene_vocabulary]
+            for name, kind in TASK_TYPES.items()
+            if kind.scene_vocabulary is not None
         }
 
 

@@ -97,6 +97,9 @@ class Task(ABC):
     higher_is_better: ClassVar[bool]
     needs_classes: ClassVar[bool] = True
     config_type: ClassVar[type[TaskConfig]] = TaskConfig
+    # The loss weight MuST sets by hand for this task instead of its linear-scaling rule
+    # (``loss.hand``'s default); None: the rule decides.
+    must_hand_weight: ClassVar[float | None] = None
 
     # -- label files: what the dataset readers and the renderer (``must.data``, docs/data.md)
     # ask of a task. ``source`` is the task's entry of a split in the dataset description
@@ -107,6 +110,9 @@ class Task(ABC):
     # The settings of the task's entry in a split of a dataset description (a pydantic model:
     # format, folder or file, encoding); None: the task has no dataset files.
     source_type: ClassVar[type[BaseModel] | None] = None
+    # The scene world's vocabulary this task's rendered labels index: "categories" (the
+    # objects) or "stuff_and_categories" (stuff classes, then the objects); None: no classes.
+    scene_vocabulary: ClassVar[Literal["categories", "stuff_and_categories"] | None] = None
 
     @classmethod
     def file_hook_missing(cls, hook: str) -> str:

@@ -131,6 +131,7 @@ class ClassificationTask(Task):
     # -- label files (see Task): class folders (ImageFolder) or class tables; the renderer
     # puts each image in its class's folder and writes no label file.
     source_type = ClassificationSource
+    scene_vocabulary = "categories"
 
     @classmethod
     def rendered_image_folder(cls, sample: Any, options: Any, where: Path) -> str | None:

@@ -222,6 +222,7 @@ class DepthTask(PixelTask):
     higher_is_better = False
     needs_classes = False
     config_type = DepthConfig
+    must_hand_weight = 1.0  # the paper sets depth's weight by hand
     config: DepthConfig
 
     # -- label files (see Task): one 16-bit greyscale PNG per image, metres = value / scale

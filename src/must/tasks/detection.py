@@ -433,6 +433,7 @@ class DetectionTask(Task):
     # -- label files (see Task): COCO JSON (boxes, instance masks as RLE or polygons); the
     # renderer writes one COCO file per split, masks as compressed RLE.
     source_type = DetectionSource
+    scene_vocabulary = "categories"
     coco_labels = "instances"
 
     @classmethod

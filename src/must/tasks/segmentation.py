@@ -168,6 +168,7 @@ class SegmentationTask(PixelTask):
     # -- label files (see Task): one class map per image (PNG of mode L or P, value = class
     # index), or rasterised from COCO instances; the renderer writes VOC-palette PNGs.
     source_type = SegmentationSource
+    scene_vocabulary = "stuff_and_categories"
     coco_labels = "class_map"
 
     @classmethod
