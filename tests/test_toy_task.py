@@ -1,7 +1,8 @@
 """Adding a task is one module: this file defines a sixth task, object counting (how many
 objects an image shows, a per-image regression), and nothing else in the library changes.
 The task is rendered by the scene world, read back from its dataset files, taught, pseudo-
-labelled into a store, learnt by a student, transferred and reported, all by ``must run``."""
+labelled into a store, learnt by a student, transferred and reported, all by ``must run``. A new
+label format for it (a CSV table of counts) is one class too."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 from torchmetrics import Metric
 
-from must.data.readers import MultiTaskDataset
+from must.data.readers import FORMATS, LabelSource, MultiTaskDataset, register_format
+from must.data.readers.common import Entry
 from must.data.render import render_dataset
 from must.features import LAST_STAGE, FeatureSpec
 from must.stages.experiment import load_experiment, run_experiment
@@ -32,12 +34,32 @@ from tiny import TINY_BACKBONE, TINY_TRAIN_SECTION
 
 
 class CountSource(BaseModel):
-    """One ``.npy`` file per image holding the number of visible objects."""
+    """``npy``: one file per image in ``root`` holding the number of visible objects;
+    ``count_table``: one CSV ``table`` of ``key,count`` rows (the format below)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["npy"] = "npy"
-    root: str
+    format: Literal["npy", "count_table"] = "npy"
+    root: str | None = None
+    table: str | None = None
+
+
+@register_format("count_table")
+class CountTable(LabelSource):
+    """A new label format, as one class: a CSV of ``key,count`` rows for the split."""
+
+    def index(self, entries: dict[str, Entry]) -> None:
+        path = self.reader.base / self.source.table
+        rows = [line.split(",") for line in path.read_text().splitlines() if line]
+        self.counts = {key: float(count) for key, count in rows if key in entries}
+
+    def has(self, key: str) -> bool:
+        return key in self.counts
+
+    def read(self, entry: Entry, image_size, bad_anns, masks) -> dict[str, Any] | None:
+        if entry.key not in self.counts:
+            return None
+        return {"count": np.float32(self.counts[entry.key])}
 
 
 class CountHead(TaskHead):
@@ -147,6 +169,12 @@ def count_task():
     del TASK_TYPES[CountTask.name]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _format_registered_for_this_module_only():
+    yield
+    del FORMATS["count_table"]
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
 
@@ -161,6 +189,22 @@ def test_a_task_from_one_module_is_rendered_and_read_back(count_task, tmp_path):
         assert float(sample["count"]) == len(sample["box_labels"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == {"format": "npy", "root": "count/train"}
+
+
+def test_a_data_format_is_one_class(count_task, tmp_path):
+    out = tmp_path / "data"
+    render_dataset("cluttered", out, 6, 32, tasks=["detection"], progress=False)
+    truth = {s["key"]: len(s["box_labels"]) for s in MultiTaskDataset(out, split="train")}
+    (out / "counts.csv").write_text("".join(f"{k},{n}\n" for k, n in list(truth.items())[1:]))
+    spec = json.loads((out / "manifest.json").read_text())
+    spec["splits"] = {"train": {**spec["splits"]["train"], "count": {"format": "count_table",
+                      "table": "counts.csv"}}}  # fmt: skip
+    (out / "dataset.yaml").write_text(yaml.safe_dump(spec))
+    dataset = MultiTaskDataset(out / "dataset.yaml", split="train", tasks=["count"])
+    read = {s["key"]: float(s["count"]) for s in dataset if "count" in s}
+    first = next(iter(truth))
+    assert read == {k: float(n) for k, n in truth.items() if k != first}  # the first has none
+    assert dataset.label_counts()["count"] == len(truth) - 1
 
 
 def test_a_task_from_one_module_runs_the_whole_method(count_task, tmp_path):

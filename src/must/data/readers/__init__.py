@@ -21,8 +21,8 @@ task's ``read_label_file``); :mod:`~must.data.readers.dataset` composes them.
 """
 
 from must.data.readers.coco import BOX_TOLERANCE
-from must.data.readers.common import LabelSource, image_keys, walk_files
-from must.data.readers.dataset import FORMATS, MultiTaskDataset, skip_report
+from must.data.readers.common import FORMATS, LabelSource, image_keys, register_format, walk_files
+from must.data.readers.dataset import MultiTaskDataset, skip_report
 from must.imageio import IMAGE_EXTENSIONS, read_image
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "MultiTaskDataset",
     "image_keys",
     "read_image",
+    "register_format",
     "skip_report",
     "walk_files",
 ]

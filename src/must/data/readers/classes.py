@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from must.data.readers.common import Entry, LabelSource, read_table
+from must.data.readers.common import Entry, LabelSource, read_table, register_format
 from must.data.spec import SplitSpec
 from must.errors import DataError
 from must.imageio import IMAGE_EXTENSIONS
 
 
+@register_format("imagefolder")
 class ClassLabels(LabelSource):
     def index(self, entries: dict[str, Entry]) -> None:
         r = self.reader

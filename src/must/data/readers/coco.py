@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from must.data.readers.common import Entry, LabelSource, is_number, listing
+from must.data.readers.common import Entry, LabelSource, is_number, listing, register_format
 from must.errors import ConfigError, DataError
 from must.imageio import size_str
 
@@ -140,6 +140,7 @@ def _check_box(bbox: Any, width: int | None, height: int | None) -> tuple[list |
     return [x1, y1, x2, y2], None
 
 
+@register_format("coco")
 class CocoLabels(LabelSource):
     """One task's labels from a COCO file: ``instances`` (boxes, areas, crowd regions and,
     when asked, instance masks) or ``class_map`` (a class map rasterised from the masks)."""

@@ -147,3 +147,21 @@ class LabelSource:
 
     def clear(self) -> None:
         """Forget every label (the task's annotation file is unusable)."""
+
+
+# The reader of each label format a dataset description may name (a source's ``format:``).
+FORMATS: dict[str, type[LabelSource]] = {}
+
+
+def register_format(*names: str):
+    """Class decorator: ``cls`` (a :class:`LabelSource`) reads the labels of sources whose
+    ``format`` is one of ``names``; a name already taken is refused."""
+
+    def add(cls: type[LabelSource]) -> type[LabelSource]:
+        for name in names:
+            if name in FORMATS:
+                raise ValueError(f"label format {name!r} is registered twice")
+            FORMATS[name] = cls
+        return cls
+
+    return add

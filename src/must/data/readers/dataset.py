@@ -17,9 +17,12 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from tqdm import tqdm
 
-from must.data.readers.classes import ClassLabels
-from must.data.readers.coco import CocoLabels
+# The built-in formats register themselves on import.
+import must.data.readers.classes
+import must.data.readers.coco
+import must.data.readers.files  # noqa: F401
 from must.data.readers.common import (
+    FORMATS,
     Entry,
     LabelSource,
     image_keys,
@@ -28,21 +31,12 @@ from must.data.readers.common import (
     strip_ext,
     walk_files,
 )
-from must.data.readers.files import LabelFiles
 from must.data.spec import TASKS, find_manifest, load_spec
 from must.errors import ConfigError, DataError
 from must.imageio import IMAGE_EXTENSIONS, read_image
 from must.tasks import TASK_TYPES
 
 _MAX_LISTED_SKIPS = 50
-# The reader of each label format a dataset description may name (``format:`` of a source).
-FORMATS: dict[str, type[LabelSource]] = {
-    "imagefolder": ClassLabels,
-    "coco": CocoLabels,
-    "png": LabelFiles,
-    "png16": LabelFiles,
-    "npy": LabelFiles,
-}
 
 
 class MultiTaskDataset(Dataset):
@@ -120,6 +114,11 @@ class MultiTaskDataset(Dataset):
                     f"{self.manifest}: {TASK_TYPES[task].file_hook_missing('source_type')}"
                 )
             fmt = getattr(getattr(self.source, task), "format", None)
+            if fmt not in FORMATS:
+                raise ConfigError(
+                    f"{self.manifest}: splits.{split}.{task}.format {fmt!r} has no reader; "
+                    f"known formats: {', '.join(FORMATS)}"
+                )
             self._sources[task] = FORMATS[fmt](self, task)
         for task in list(self.tasks):
             self._sources[task].index(entries)

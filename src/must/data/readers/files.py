@@ -14,6 +14,7 @@ from must.data.readers.common import (
     LabelSource,
     listing,
     read_table,
+    register_format,
     rel_key,
     walk_files,
 )
@@ -22,6 +23,7 @@ from must.imageio import IMAGE_EXTENSIONS
 from must.tasks.base import Task
 
 
+@register_format("png", "png16", "npy")
 class LabelFiles(LabelSource):
     def index(self, entries: dict[str, Entry]) -> None:
         """Label files matched to images by their path under the label folder (mirroring the
