@@ -7,6 +7,7 @@ label format for it (a CSV table of counts) is one class too."""
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -189,6 +190,9 @@ def test_a_task_from_one_module_is_rendered_and_read_back(count_task, tmp_path):
         assert float(sample["count"]) == len(sample["box_labels"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == {"format": "npy", "root": "count/train"}
+    # The description's type is made from the registry: it still crosses to loader workers.
+    assert pickle.loads(pickle.dumps(dataset.spec)) == dataset.spec
+    assert pickle.loads(pickle.dumps(dataset.source)).tasks() == ["detection", "count"]
 
 
 def test_a_data_format_is_one_class(count_task, tmp_path):

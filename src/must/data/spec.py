@@ -39,6 +39,10 @@ class SplitSpec(_Strict):
         """The task's source settings in this split, None when the task is not labelled."""
         return getattr(self, task, None)
 
+    def __reduce__(self):
+        # The class made from the registry is rebuilt, not looked up by name (loader workers).
+        return (_rebuild, ("split", self.model_dump()))
+
 
 class _TypedSplit(SplitSpec):
     model_config = ConfigDict(extra="forbid")
@@ -51,6 +55,16 @@ class DatasetSpec(_Strict):
     classes: dict[str, list[str]] = Field(default_factory=dict)
     # Free-form provenance (style, seed, render settings, ...).
     meta: dict = Field(default_factory=dict)
+
+    def __reduce__(self):
+        return (_rebuild, ("spec", self.model_dump()))
+
+
+def _rebuild(kind: str, data: dict[str, Any]) -> BaseModel:
+    spec = dataset_spec_type()
+    if kind == "spec":
+        return spec.model_validate(data)
+    return spec.model_fields["splits"].annotation.__args__[1].model_validate(data)
 
 
 def find_manifest(path: str | Path) -> Path:
