@@ -116,7 +116,8 @@ def main() -> None:
     args = parser.parse_args()
     results: dict = {
         "load_before": round(os.getloadavg()[0], 2),
-        "settings": vars(args),
+        # Where the runs and results are written is left out: it says nothing about them.
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
         "variants": {},
     }
     # Finished teachers in --work are reused (must teach skips a finished run), so a rerun
@@ -174,6 +175,17 @@ def report(r: dict) -> str:
                 + f" | {run['val']['map_50']:.3f} | {run['val']['map']:.3f} "
                 f"| {run['test']['map_50']:.3f} | {run['test']['map']:.3f} |"
             )
+    before_runs, sized_runs = (r["variants"][k]["runs"] for k in ("before", "sized"))
+    for metric in ("map_50", "map"):
+        diffs = [
+            b["val"][metric] - a["val"][metric]
+            for a, b in zip(before_runs, sized_runs, strict=True)
+        ]
+        lines.append(
+            f"\nsized − before, validation {metric}: "
+            + ", ".join(f"{d:+.3f}" for d in diffs)
+            + (" (one seed each: no spread over seeds)" if len(diffs) == 1 else " (per seed)")
+        )
     lines += [
         "",
         "## Cost of one training step (forward + backward + SGD step, 64 px)",

@@ -250,10 +250,11 @@ def onednn_isa() -> str:
 
 
 def command_line(args: argparse.Namespace, defaults: dict) -> str:
-    """The command, with the options that differ from their defaults."""
+    """The command, with the options that differ from their defaults (folders left out: they
+    say where files went, not what was measured)."""
     parts = ["python benchmarks/precision.py"]
     for key, value in vars(args).items():
-        if key == "out" or value == defaults[key]:
+        if key in ("out", "cache") or value == defaults[key]:
             continue
         flag = "--" + key.replace("_", "-")
         values = value if isinstance(value, list) else [value]
@@ -343,7 +344,7 @@ def main() -> None:
             "torch": torch.__version__,
         },
         "command": command_line(args, vars(parser.parse_args([]))),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache")},
         "presets": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
