@@ -112,8 +112,9 @@ def source_from_arguments(dataset: str | Path, args: argparse.Namespace) -> Data
         return DataSource(**fields)
     except ValidationError as err:
         detail = describe_validation_error(err)
-        flags = detail.replace("render_size", "--render-size").replace("num:", "--num:")
-        raise ConfigError(f"data {dataset}:\n{flags}") from err
+        for name in fields:  # name the flags, not the fields
+            detail = detail.replace(f"{name}:", f"--{name.replace('_', '-')}:")
+        raise ConfigError(f"data {dataset}:\n{detail}") from err
 
 
 def as_source(data: str | Path | DataSource) -> DataSource:

@@ -62,9 +62,7 @@ class DatasetSpec(_Strict):
 
 def _rebuild(kind: str, data: dict[str, Any]) -> BaseModel:
     spec = dataset_spec_type()
-    if kind == "spec":
-        return spec.model_validate(data)
-    return spec.model_fields["splits"].annotation.__args__[1].model_validate(data)
+    return (spec if kind == "spec" else _SPEC_TYPES["split"]).model_validate(data)
 
 
 def find_manifest(path: str | Path) -> Path:
@@ -93,7 +91,7 @@ def dataset_spec_type() -> type[DatasetSpec]:
         }
         split = create_model("SplitSpec", __base__=_TypedSplit, **fields)
         spec = create_model("DatasetSpec", __base__=DatasetSpec, splits=(dict[str, split], ...))
-        _SPEC_TYPES.update(key=key, type=spec)
+        _SPEC_TYPES.update(key=key, type=spec, split=split)
     return _SPEC_TYPES["type"]
 
 
