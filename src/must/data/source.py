@@ -12,8 +12,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from must.data.spec import MANIFEST_NAMES
 from must.errors import ConfigError, describe_validation_error
+
+# The files that describe a dataset folder (must.data.spec reads them). Kept here so that
+# naming a data source (the CLI's flags) does not import the task modules and torch.
+MANIFEST_NAMES = ("manifest.json", "dataset.yaml", "dataset.yml")
 
 
 def is_dataset_folder(path: str | Path) -> bool:

@@ -11,12 +11,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from must.data.source import MANIFEST_NAMES
 from must.errors import ConfigError, describe_validation_error
 from must.tasks import TASK_TYPES
 
 # The registered task names, in registration order (a live view: tasks registered later count).
 TASKS = TASK_TYPES.keys()
-MANIFEST_NAMES = ("manifest.json", "dataset.yaml", "dataset.yml")
 
 
 class _Strict(BaseModel):
