@@ -1,8 +1,11 @@
-"""Helpers the benchmarks share: a median with its range, one training step and its FLOPs."""
+"""Helpers the benchmarks share: a median with its range, one training step and its FLOPs,
+writing a results file and its report."""
 
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -31,3 +34,12 @@ def step_gflop(model: torch.nn.Module, data) -> float:
         sum(v for terms in losses.values() for v in terms.values()).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / 1e9
+
+
+def write_results(out: str | Path, name: str, results: dict, markdown: str) -> None:
+    """``OUT/NAME.json`` (the figures) and ``OUT/NAME.md`` (their report)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+    print(f"wrote {out / name}.json and {out / name}.md")

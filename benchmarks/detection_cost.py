@@ -14,7 +14,6 @@ used to choose.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import spread, step_gflop, train_step
+from common import spread, step_gflop, train_step, write_results
 from must.config import TeachConfig, load_config
 from must.models.model import MultiTaskModel
 from must.stages.teach import teach
@@ -145,11 +144,7 @@ def main() -> None:
     for name, costs in step_costs(Path(args.work), args.rounds, args.steps).items():
         results["variants"][name]["steps"] = costs
     results["load_after"] = round(os.getloadavg()[0], 2)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "detection_cost.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "detection_cost.md").write_text(report(results))
-    print(f"wrote {out / 'detection_cost.json'} and {out / 'detection_cost.md'}")
+    write_results(args.out, "detection_cost", results, report(results))
 
 
 def report(r: dict) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import spread
+from common import spread, write_results
 
 PRESETS = [
     "teach_classification_cpu",
@@ -219,11 +219,7 @@ def main() -> None:
                 "fixed_seconds": spread([p["must"]["fixed_seconds"] for p in pairs]),
             }
     results["machine"]["load_after"] = round(os.getloadavg()[0], 2)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "overhead.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "overhead.md").write_text(report(results))
-    print(f"wrote {out / 'overhead.json'} and {out / 'overhead.md'}")
+    write_results(args.out, "overhead", results, report(results))
 
 
 def report(results: dict) -> str:

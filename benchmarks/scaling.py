@@ -19,7 +19,6 @@ rounds, median reported with min-max), so drifting machine load spreads over all
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import spread, step_gflop, train_step
+from common import spread, step_gflop, train_step, write_results
 from labeling import make_teachers, preset
 from must.data.readers import MultiTaskDataset
 from must.data.render import render_dataset
@@ -149,11 +148,7 @@ def main() -> None:
             [four_at_64, *rows[len(by_tasks) :]], key=lambda r: r["image_size"]
         )
     results["machine"]["load_after"] = round(os.getloadavg()[0], 2)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scaling.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "scaling.md").write_text(report(results))
-    print(f"wrote {out / 'scaling.json'} and {out / 'scaling.md'}")
+    write_results(args.out, "scaling", results, report(results))
 
 
 def report(r: dict) -> str:
