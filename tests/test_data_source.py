@@ -22,7 +22,7 @@ def test_every_place_that_names_data_takes_the_same_fields():
     for kind in (DataConfig, LabeledSetConfig, PoolConfig, TransferStage):
         source = kind(**recipe, cache="c")
         assert isinstance(source, DataSource)
-        assert source.recipe_fields() == {**recipe, "cache": "c"}
+        assert source.recipe_fields() == {**recipe, "splits": (0.8, 0.1, 0.1), "cache": "c"}
 
 
 def test_a_style_rendered_from_a_config_is_reused_by_the_same_recipe_from_flags(tmp_path):
@@ -43,6 +43,25 @@ def test_a_style_rendered_from_a_config_is_reused_by_the_same_recipe_from_flags(
     other = source_from_arguments("objects", parser.parse_args(["--render-seed", "5", "--num", "5",
                                   "--render-size", "32", "--cache", cache]))  # fmt: skip
     assert other.prepare(progress=False).name == "objects_n5_px32_seed5"
+
+
+def test_split_fractions_are_part_of_the_recipe(tmp_path):
+    cache = str(tmp_path / "cache")
+    source = DataSource(dataset="objects", num=20, render_size=32, splits=(0.25, 0.25, 0.5),
+                        cache=cache)  # fmt: skip
+    folder = source.prepare(progress=False)
+    assert folder.name == "objects_n20_px32_seed0_splits0.25-0.25-0.5"  # not the default's cache
+    counts = {
+        s: sum(f.is_file() for f in (folder / "images" / s).rglob("*"))
+        for s in ("train", "val", "test")
+    }
+    assert counts == {"train": 5, "val": 5, "test": 10}
+    parser = argparse.ArgumentParser()
+    add_source_arguments(parser)
+    flags = ["--num", "20", "--render-size", "32", "--splits", "0.25,0.25,0.5", "--cache", cache]
+    assert source_from_arguments("objects", parser.parse_args(flags)).prepare(False) == folder
+    with pytest.raises(ValueError, match="non-negative fractions"):
+        DataSource(dataset="objects", splits=(0.5, -0.1, 0.6))
 
 
 def test_eval_and_label_have_the_recipe_flags_with_their_defaults():

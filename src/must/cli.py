@@ -20,16 +20,6 @@ def _write_json(path: str, obj: object) -> None:
         f.write("\n")
 
 
-def _parse_splits(text: str) -> list[float]:
-    try:
-        parts = [float(x) for x in text.split(",")]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected three numbers like 0.8,0.1,0.1: {err}") from err
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError("expected three fractions: train,val,test")
-    return parts
-
-
 def _cmd_data_styles(args: argparse.Namespace) -> int:
     from must.data.styles import builtin_style_names, load_style
 
@@ -427,7 +417,7 @@ def _training_verb(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from must.data.source import DataSource, add_source_arguments
+    from must.data.source import DataSource, add_source_arguments, parse_splits
 
     parser = argparse.ArgumentParser(
         prog="must", description="Multi-task self-training (MuST) for computer vision."
@@ -450,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     render.add_argument(
         "--splits",
-        type=_parse_splits,
+        type=parse_splits,
         default=[0.8, 0.1, 0.1],
         help="train,val,test fractions (default 0.8,0.1,0.1)",
     )

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from must.errors import ConfigError, describe_validation_error
 
 # The files that describe a dataset folder (must.data.spec reads them). Kept here so that
 # naming a data source (the CLI's flags) does not import the task modules and torch.
 MANIFEST_NAMES = ("manifest.json", "dataset.yaml", "dataset.yml")
+DEFAULT_SPLITS = (0.8, 0.1, 0.1)  # train/val/test fractions of a rendered style
 
 
 def is_dataset_folder(path: str | Path) -> bool:
@@ -45,7 +46,17 @@ class DataSource(BaseModel):
     num: int = Field(2000, ge=1, description="images to render when dataset is a style")
     render_size: int = Field(64, ge=16)
     render_seed: int = 0
+    # train/val/test fractions of the rendered images (as ``must data render --splits``): the
+    # benchmark's downstream sets keep a small train split and a large test split.
+    splits: tuple[float, float, float] = DEFAULT_SPLITS
     cache: str = "runs/data"
+
+    @field_validator("splits")
+    @classmethod
+    def _splits_are_fractions(cls, splits: tuple[float, float, float]) -> tuple:
+        if any(f < 0 for f in splits) or sum(splits) <= 0:
+            raise ValueError(f"{list(splits)}: three non-negative fractions (train, val, test)")
+        return splits
 
     @property
     def is_folder(self) -> bool:
@@ -67,15 +78,17 @@ class DataSource(BaseModel):
         from must.data.styles import load_style
 
         style = load_style(self.dataset)  # refuses unknown names with the list of styles
-        out = Path(self.cache) / (
-            f"{style.name}_n{self.num}_px{self.render_size}_seed{self.render_seed}"
-        )
+        name = f"{style.name}_n{self.num}_px{self.render_size}_seed{self.render_seed}"
+        if tuple(self.splits) != DEFAULT_SPLITS:  # caches of the default recipe keep their names
+            name += "_splits" + "-".join(f"{f:g}" for f in self.splits)
+        out = Path(self.cache) / name
         render_dataset(
             self.dataset,
             out,
             self.num,
             self.render_size,
             seed=self.render_seed,
+            splits=self.splits,
             workers=min(2, torch.get_num_threads()),
             progress=progress,
         )
@@ -84,6 +97,17 @@ class DataSource(BaseModel):
     def recipe_fields(self) -> dict[str, Any]:
         """The source's own fields (a subclass's other settings left out), as a dict."""
         return {k: getattr(self, k) for k in DataSource.model_fields}
+
+
+def parse_splits(text: str) -> list[float]:
+    """``0.8,0.1,0.1`` -> three floats (``--splits``)."""
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected three numbers like 0.8,0.1,0.1: {err}") from err
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("expected three fractions: train,val,test")
+    return parts
 
 
 def add_source_arguments(parser: argparse.ArgumentParser, defaults: DataSource | None = None):
@@ -97,6 +121,10 @@ def add_source_arguments(parser: argparse.ArgumentParser, defaults: DataSource |
         "--render-seed", "--seed", dest="render_seed", type=int, default=d.render_seed,
         help="render seed",
     )  # fmt: skip
+    group.add_argument(
+        "--splits", type=parse_splits, default=list(d.splits),
+        help="train,val,test fractions (default %(default)s)",
+    )  # fmt: skip
     group.add_argument("--cache", default=d.cache, help="folder of rendered datasets")
     return group
 
@@ -109,6 +137,7 @@ def source_from_arguments(dataset: str | Path, args: argparse.Namespace) -> Data
         "num": args.num,
         "render_size": args.render_size,
         "render_seed": args.render_seed,
+        "splits": tuple(args.splits),
         "cache": str(args.cache),
     }
     try:
