@@ -154,6 +154,10 @@ def test_a_failed_stage_keeps_earlier_outputs_and_a_rerun_continues(finished_run
             r"line \d+: transfer\.tasks\.1: the style 'rooms' cannot render normals",
         ),
         ({"transfer": {"backbones": ["simclr"]}}, r"line \d+: .*needs the simclr: section"),
+        (
+            {"transfer": {"per_column": {"depth-linear": {}}}},
+            r"transfer\.per_column: .*'depth-linear': a column is <task>-<mode>",
+        ),
     ],
 )
 def test_bad_experiments_are_refused_naming_the_line(tmp_path, change, message):
@@ -169,6 +173,19 @@ def test_presets_are_valid_experiments():
     for name in ("quickstart", "mini", "gpu", "gpu_smoke"):
         cfg = load_experiment(name)
         assert cfg.name == name and "transfer" in cfg.stages
+
+
+def test_per_column_overrides_reach_one_task_in_one_mode_only(tmp_path):
+    from must.stages.experiment import Experiment
+
+    per_column = {"depth-probe": {"train": {"lr": 0.123, "max_steps": 8}}}
+    cfg = load_experiment(tiny_experiment(tmp_path, transfer={"per_column": per_column}))
+    experiment = Experiment(cfg, tmp_path / "run", progress=False)
+    probe = experiment.transfer_config("scratch", "depth", "probe").train
+    assert (probe.lr, probe.max_steps) == (0.123, 8)
+    for task, mode in (("depth", "finetune"), ("normals", "probe")):
+        other = experiment.transfer_config("scratch", task, mode).train
+        assert other.lr != 0.123 and other.max_steps != 8
 
 
 # --- the report, from fake run folders with known numbers -------------------------------------

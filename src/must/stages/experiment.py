@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from must.checkpoint import SUMMARY_FILE
 from must.config import (
@@ -102,6 +102,23 @@ class TransferStage(DataSource, _Strict):
     config: Step = Step(config="transfer_cpu")
     per_task: dict[TaskName, dict[str, Any]] = {}  # overrides for one task (e.g. its head)
     probe: dict[str, Any] = {}  # overrides for probe runs (e.g. a larger learning rate)
+    # Overrides for one task in one mode, by "<task>-<mode>" (e.g. "detection-probe"): the
+    # schedule chosen on validation for that column (docs/benchmark.md). Applied last.
+    per_column: dict[str, dict[str, Any]] = {}
+
+    @field_validator("per_column")
+    @classmethod
+    def _columns_are_task_mode(cls, per_column: dict[str, Any]) -> dict[str, Any]:
+        from must.tasks import TASK_TYPES
+
+        for column in per_column:
+            task, _, mode = column.rpartition("-")
+            if task not in TASK_TYPES or mode not in ("finetune", "probe"):
+                raise ValueError(
+                    f"{column!r}: a column is <task>-<mode>, e.g. detection-probe (tasks: "
+                    f"{', '.join(TASK_TYPES)}; modes: finetune, probe)"
+                )
+        return per_column
     # scratch, teachers (each teacher), teacher:<task>, simclr, multitask, student, and the
     # extra students when their stages run (student_pool<percent>, student_from_multitask).
     backbones: list[str] = ["scratch", "teachers", "simclr", "multitask", "student"]
@@ -367,6 +384,7 @@ class Experiment:
             t.config.overrides,
             t.per_task.get(task, {}),
             t.probe if mode == "probe" else {},
+            t.per_column.get(f"{task}-{mode}", {}),
             {
                 "task": task,
                 "data": self.source(t).recipe_fields(),
