@@ -245,3 +245,18 @@ def test_cache_features_is_part_of_a_probe_run_only():
     probe = {**base, "freeze_backbone": True}
     assert same_run(probe, {**probe, "cache_features": False})
     assert not same_run(probe, {**probe, "cache_features": True})
+
+
+def test_training_in_several_processes_falls_back_to_images(capsys):
+    from must.config import TrainConfig
+    from must.training import feature_cache
+
+    # Two CPU processes, as Lightning resolves them from the settings (nothing is launched).
+    cfg = TrainConfig(accelerator="cpu", devices=2, strategy="ddp")
+    assert feature_cache.training_processes(cfg)[0] == 2
+    assert feature_cache.training_processes(TrainConfig(accelerator="cpu"))[0] == 1
+    never = None  # the datasets are not read when the cache is not used
+    assert feature_cache.probe_loaders(never, never, never, never, cfg) is None  # type: ignore[arg-type]
+    assert capsys.readouterr().out.strip() == (
+        "feature cache not used: training runs in 2 processes; the probe trains from images"
+    )
