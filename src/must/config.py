@@ -162,6 +162,12 @@ class TeachConfig(_Strict):
     init: str | None = None
     # Probe: keep the backbone (weights and batch-norm statistics) fixed, train the head only.
     freeze_backbone: bool = False
+    # With freeze_backbone: compute the backbone's feature maps of the train and val images
+    # once (the training images in the evaluation transform's fixed view, no augmentation)
+    # and train and validate the head from that cache (docs/transfer.md). Not used when a
+    # split's images differ in size or training runs in several processes (said on stdout).
+    # No effect on fine-tuning.
+    cache_features: bool = True
     train: TrainConfig = TrainConfig()
 
 
@@ -410,6 +416,13 @@ def same_run(recorded: Any, current: Any) -> bool:
         for section, key in EXECUTION_ONLY:
             if isinstance(cfg.get(section), dict):
                 cfg[section].pop(key, None)
+        # ``cache_features`` changes nothing without a frozen backbone; probes recorded before
+        # the setting existed trained on augmented images, as ``cache_features: false`` does.
+        if "freeze_backbone" in cfg:
+            if not cfg["freeze_backbone"]:
+                cfg.pop("cache_features", None)
+            else:
+                cfg.setdefault("cache_features", False)
         # Runs recorded before backbones had names trained the ResNet.
         model = cfg.get("model")
         if isinstance(model, dict) and isinstance(model.get("backbone"), dict):

@@ -45,6 +45,14 @@ class Pretraining(_Record):
     temperature: float | None = None
 
 
+class FeatureCacheInfo(_Record):
+    """A probe trained and validated from cached backbone features (must.training.feature_cache)."""
+
+    train_images: int
+    val_images: int | None = None
+    mb: float  # the feature maps of both splits in memory, 2**20 bytes
+
+
 class SkippedSample(_Record):
     split: str | None = None
     path: str
@@ -59,6 +67,7 @@ class RunInfo(_Record):
     resize: str | None = None  # square, keep_aspect or mixed: how images were fitted
     init: dict[str, Any] | None = None  # what the weights started from
     freeze_backbone: bool | None = None
+    feature_cache: FeatureCacheInfo | None = None  # None: trained from images
     loss_weighting: dict[str, Any] | None = None
     evaluated_on: dict[str, str] = {}  # task -> the dataset its val/test metrics come from
     score_reference: dict[str, float] = {}  # multi-task checkpoint selection's references

@@ -42,14 +42,21 @@ class MultiTaskModel(nn.Module):
         return self
 
     def forward(
-        self, images: torch.Tensor, targets: dict[str, Any] | None = None
+        self,
+        images: torch.Tensor,
+        targets: dict[str, Any] | None = None,
+        features: dict[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
         """Predictions per task and, given targets, loss terms per task.
 
         Tasks missing from ``targets`` (no image of the batch has their label) get zero
         losses that keep every head in the graph, as DDP requires.
+
+        ``features``: the backbone's maps of ``images`` computed earlier (a frozen backbone's
+        cache, ``must.training.feature_cache``); the heads read them and the backbone does not
+        run. ``images`` still gives the image size (its shape only is read then).
         """
-        feats = self.backbone(images)
+        feats = self.backbone(images) if features is None else features
         image_size = (images.shape[-2], images.shape[-1])
         predictions: dict[str, Any] = {}
         losses: dict[str, dict[str, torch.Tensor]] = {}

@@ -19,6 +19,7 @@ from must.stages.common import claim_output
 from must.summary import RunInfo
 from must.tasks import build_task
 from must.training.data import make_dataset, make_loader, print_notes, require_task
+from must.training.feature_cache import probe_loaders
 from must.training.fit import fit_and_test
 from must.training.module import MultiTaskModule
 
@@ -82,14 +83,25 @@ def teach(
     tasks = model.tasks
     tc = cfg.train
     workers = {"num_workers": cfg.data.num_workers, "accelerator": tc.accelerator}
-    loaders = [
-        make_loader(train_set, tasks, tc.batch_size, train=True, seed=tc.seed, **workers),
-        make_loader(val_set, tasks, tc.batch_size, train=False, **workers),
+    # A probe trains and validates from its backbone's features computed once; the test
+    # split, read once, goes through the images.
+    cached = None
+    if cfg.freeze_backbone and cfg.cache_features:
+        cached = probe_loaders(model, train_set, val_set, cfg.data, tc, progress)
+    if cached is not None:
+        train_loader, val_loader, feature_cache = cached
+    else:
+        feature_cache = None
+        train_loader = make_loader(
+            train_set, tasks, tc.batch_size, train=True, seed=tc.seed, **workers
+        )
+        val_loader = make_loader(val_set, tasks, tc.batch_size, train=False, **workers)
+    test_loader = (
         make_loader(test_set, tasks, tc.batch_size, train=False, **workers)
         if test_set is not None
-        else None,
-    ]
-    result = fit_and_test(module, *loaders, tc, out, progress=progress)
+        else None
+    )
+    result = fit_and_test(module, train_loader, val_loader, test_loader, tc, out, progress=progress)
     if result is None:  # another process of a multi-process run: rank 0 finishes it
         return None
     if any(d.skipped for d in read):
@@ -99,6 +111,8 @@ def teach(
             "stage": stage,
             "init": started,
             "freeze_backbone": cfg.freeze_backbone,
+            # Trained and validated from cached backbone features (None: from images).
+            "feature_cache": feature_cache,
             "training": {
                 cfg.task: {
                     "dataset": str(root),

@@ -37,20 +37,39 @@ class TaskConfig(BaseModel):
 @dataclass
 class Batch:
     """A collated batch: stacked images and one batched target per task (None when no image of
-    the batch has that task's label)."""
+    the batch has that task's label), and optionally the backbone's feature maps of the images
+    (a frozen backbone's, computed once: ``must.training.feature_cache``)."""
 
     # (B, 3, H, W) uint8 from the loaders (the model scales it to [0, 1]; float images in
-    # [0, 1] are accepted too)
+    # [0, 1] are accepted too). With ``features`` only its shape is read (the image size), and
+    # it may be a placeholder without pixels (:func:`placeholder_images`).
     images: torch.Tensor
     targets: dict[str, Any]
     keys: list[str]
+    # Map name -> (B, C, h, w), as the backbone publishes them; given, the model reads these
+    # instead of running its backbone.
+    features: dict[str, torch.Tensor] | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
-            images=self.images.to(device),
+            images=_images_to(self.images, device),
             targets={k: _to(v, device) for k, v in self.targets.items()},
             keys=self.keys,
+            features=None if self.features is None else _to(self.features, device),
         )
+
+
+def placeholder_images(batch_size: int, size: tuple[int, int]) -> torch.Tensor:
+    """A (B, 3, H, W) uint8 tensor of zeros that stores one element (every stride 0): the
+    image size of a batch of cached features, without pixels."""
+    return torch.zeros((), dtype=torch.uint8).expand(batch_size, 3, *size)
+
+
+def _images_to(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    # ``Tensor.to`` would allocate every pixel of a placeholder on the device.
+    if images.numel() > 1 and all(s == 0 for s in images.stride()):
+        return images.new_zeros((), device=device).expand(images.shape)
+    return images.to(device)
 
 
 def _to(obj: Any, device: torch.device | str) -> Any:

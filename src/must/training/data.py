@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -68,12 +68,16 @@ class Collator:
         images = torch.stack(
             [torch.as_tensor(s["image"]).as_subclass(torch.Tensor) for s in samples]
         )
+        return Batch(images=images, targets=self.targets(samples), keys=[s["key"] for s in samples])
+
+    def targets(self, samples: list[dict]) -> dict[str, Any]:
+        """Each task's batched labels of ``samples``; tasks none of them labels are left out."""
         targets = {}
         for name, task in self.tasks.items():
             target = task.collate(samples)
             if target is not None:
                 targets[name] = target
-        return Batch(images=images, targets=targets, keys=[s["key"] for s in samples])
+        return targets
 
 
 def augmentation(aug: AugmentConfig, image_size: int, train: bool, resize: str = "square"):
@@ -271,9 +275,11 @@ def make_loader(
     accelerator: str | torch.device = "auto",
     sampler: Sampler | None = None,
     what: str | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
     """The loader of every training and evaluation run: batches through :class:`Collator`
-    (``tasks``; None: the default collate), shuffled when ``train`` (unless a ``sampler``
+    (``tasks``; None: the default collate; ``collate_fn`` replaces both), shuffled when
+    ``train`` (unless a ``sampler``
     draws the order), the last partial training batch dropped (``what`` names the set in
     the refusal of :func:`check_train_size`). ``num_workers`` is resolved by
     :func:`resolve_workers`; workers persist across epochs and start as
@@ -295,7 +301,7 @@ def make_loader(
         sampler=sampler,
         drop_last=drop_last,
         num_workers=workers,
-        collate_fn=Collator(tasks) if tasks is not None else None,
+        collate_fn=collate_fn or (Collator(tasks) if tasks is not None else None),
         persistent_workers=workers > 0,
         multiprocessing_context=worker_context(accelerator, workers),
         generator=generator,

@@ -73,7 +73,7 @@ class MultiTaskModule(L.LightningModule):
                 f"training batch {batch_idx} has no label for any task of the model "
                 f"({', '.join(self.model.tasks)}); first images: {', '.join(batch.keys[:3])}"
             )
-        _, losses = self.model(batch.images, batch.targets)
+        _, losses = self.model(batch.images, batch.targets, batch.features)
         task_losses = {}
         for name, terms in losses.items():
             task_loss = sum(terms.values())
@@ -120,7 +120,7 @@ class MultiTaskModule(L.LightningModule):
 
     # --- evaluation ---
     def _update(self, metrics: nn.ModuleDict, batch: Batch) -> None:
-        predictions, _ = self.model(batch.images)
+        predictions, _ = self.model(batch.images, features=batch.features)
         for name, metric in metrics.items():
             if name in batch.targets:
                 metric.update(predictions[name], batch.targets[name])
