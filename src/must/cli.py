@@ -279,10 +279,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     report = Path(args.out) / "report.md"
     print(f"run folder {args.out} is complete")
     if report.is_file() and (args.only is None or "report" in args.only):
-        # The transfer table and ranking: the run's headline, without opening the report.
+        # The headline and the transfer table: the run's results, without opening the report.
         text = report.read_text()
-        if "## Transfer" in text:
-            print(text.split("## Transfer", 1)[1].split("\n## ", 1)[0].split("\n", 1)[1].strip())
+        for section in ("## Headline", "## Transfer"):
+            if section in text:
+                print(text.split(section, 1)[1].split("\n## ", 1)[0].split("\n", 1)[1].strip())
         print(f"\nfull report: {report} (and report.html)")
     return 0
 
@@ -290,7 +291,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from must.stages.report import write_report
 
-    path = write_report(args.runs, args.out or args.runs[0])
+    path = write_report(args.runs, args.out or args.runs[0], resamples=args.resamples)
     print(f"wrote {path} (and report.html beside it)")
     return 0
 
@@ -606,6 +607,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("runs", nargs="+", help="run folders of must run (one per seed)")
     report.add_argument("--out", default=None, help="report folder (default: the first run)")
+    report.add_argument(
+        "--resamples",
+        type=int,
+        default=2000,
+        help="bootstrap resamples of the test images per column (default 2000)",
+    )
     report.set_defaults(func=_cmd_report, outputs={"out": "dir"})
 
     export = verbs.add_parser(
