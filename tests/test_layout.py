@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "must"
 # Low to high. A module may import from its own unit and from lower layers only.
 LAYERS = [
     {"errors"},
-    {"features", "files", "extends", "paths", "summary", "dense"},
+    {"features", "files", "extends", "paths", "summary", "dense", "records"},
     {"imageio"},
     {"tasks"},
     {"data"},
