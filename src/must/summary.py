@@ -75,6 +75,7 @@ class RunInfo(_Record):
     skipped: list[SkippedSample] = []
     val: Metrics = {}
     test: Metrics = {}
+    test_records: dict[str, str] = {}  # task -> its per-image test records, under the run
     train_seconds: float | None = None
     images_per_second: float | None = None
     steps: int | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
@@ -378,6 +378,31 @@ class Task(ABC):
         """A batch's predictions mapped to each image's own pixels when ``target`` (this
         task's collated target) carries each image's original size; None when it does not."""
         return None
+
+    # -- per-image test records (``must.records``; the test pass writes them, ``must report``
+    # resamples them)
+
+    def image_records(
+        self, predictions: Any, target: Any
+    ) -> list[dict[str, np.ndarray] | None] | None:
+        """One batch's predictions and collated target -> per image of the batch, what it adds
+        to the primary metric (field -> array of at least one dimension, the same fields for
+        every image), None for an image without this task's label; None: the task keeps no
+        records (the default)."""
+        return None
+
+    @classmethod
+    def records_metric(
+        cls, records: list[dict[str, np.ndarray]]
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """Every image's record -> ``f(weights)``: ``weights`` is (R, N) non-negative image
+        multiplicities, the result the (R,) values of the primary metric computed as if
+        image ``i`` appeared ``weights[r, i]`` times. All-ones weights give what
+        ``new_metric()`` computes on those images."""
+        raise NotImplementedError(
+            f"task {cls.name!r} keeps no per-image records: its primary metric cannot be "
+            "recomputed on re-weighted test images"
+        )
 
 
 def label_size(image_size: tuple[int, int], scale: float) -> tuple[int, int]:

@@ -10,7 +10,7 @@ are present. Target (from :meth:`ClassificationTask.collate`): ``{"probs": (B, K
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -24,6 +24,7 @@ from torchmetrics import Metric
 from must import imageio
 from must.errors import ConfigError, DataError
 from must.features import LAST_STAGE, FeatureSpec, require
+from must.records import weighted_ratio
 from must.tasks.base import (
     StoreCheck,
     StoreStats,
@@ -91,9 +92,7 @@ class ClassificationMetric(Metric):
         else:
             labels, present = target, torch.ones_like(target, dtype=torch.bool)
         labels = labels.to(predictions.device)[present.to(predictions.device)]
-        logits = predictions[present.to(predictions.device)]
-        topk = logits.topk(self.k, dim=1).indices
-        hits = topk == labels[:, None]
+        hits = top_hits(predictions[present.to(predictions.device)], labels, self.k)
         self.correct1 += hits[:, 0].sum()
         self.correct5 += hits.any(1).sum()
         self.total += labels.numel()
@@ -101,6 +100,11 @@ class ClassificationMetric(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         n = self.total.double()  # 0 -> NaN: nothing was scored
         return {"top1": self.correct1 / n, "top5": self.correct5 / n}
+
+
+def top_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k) bool: whether each image's i-th most likely class is its label."""
+    return logits.topk(k, dim=1).indices == labels[:, None]
 
 
 class ClassificationSource(BaseModel):
@@ -197,6 +201,25 @@ class ClassificationTask(Task):
 
     def new_metric(self) -> Metric:
         return ClassificationMetric(self.num_classes)
+
+    def image_records(
+        self, predictions: torch.Tensor, target: Any
+    ) -> list[dict[str, np.ndarray] | None]:
+        """``correct1`` (1,) int64: whether the image's top class is its label (as
+        ``ClassificationMetric`` counts it)."""
+        labels = target["probs"].argmax(1).to(predictions.device)
+        hits = top_hits(predictions, labels, min(5, self.num_classes))[:, 0].cpu().numpy()
+        return [
+            {"correct1": np.array([int(hit)], np.int64)} if bool(present) else None
+            for hit, present in zip(hits, target["present"], strict=True)
+        ]
+
+    @classmethod
+    def records_metric(
+        cls, records: list[dict[str, np.ndarray]]
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """Top-1: ``sum(w * correct1) / sum(w)``."""
+        return weighted_ratio(records, "correct1")
 
     # -- the pseudo-label store: soft probabilities ``cls_probs`` float16 (K,)
 

@@ -15,7 +15,7 @@ the metric see is the clamped one.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -28,6 +28,7 @@ from torchmetrics import Metric
 from must import imageio
 from must.dense import Depth
 from must.features import FeatureSpec
+from must.records import weighted_ratio
 from must.tasks.base import (
     StoreCheck,
     StoreStats,
@@ -150,13 +151,10 @@ class DepthMetric(Metric):
         """``predictions``: depth (B, 1, H, W) or any shape matching ``target``'s depth."""
         gt, _ = target_field(target, "depth")
         gt = gt.to(predictions.device).double()
-        p = predictions.double().reshape(gt.shape)
-        valid = (gt > 0) & torch.isfinite(gt)
-        # A non-positive prediction would make the ratio infinite; our head never emits one.
-        p, g = p[valid].clamp(min=1e-12), gt[valid]
+        p, g, valid = scored_pixels(predictions, gt)
         ratio = torch.maximum(p / g, g / p)
         self.count += valid.sum()
-        self.abs_rel += ((p - g).abs() / g).sum()
+        self.abs_rel += abs_rel_sum(p, g)
         self.sq += ((p - g) ** 2).sum()
         self.delta1 += (ratio < 1.25).sum()
         self.delta2 += (ratio < 1.25**2).sum()
@@ -181,6 +179,22 @@ class DepthMetric(Metric):
             "delta1_aligned": self.aligned / n,
             "scale_gt_over_pred": (self.log_ratio / n).exp(),
         }
+
+
+def scored_pixels(
+    predictions: torch.Tensor, gt: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(predicted, true) depths of the valid pixels (float64) and the valid mask of ``gt``."""
+    gt = gt.to(predictions.device).double()
+    valid = (gt > 0) & torch.isfinite(gt)
+    # A non-positive prediction would make the ratio infinite; our head never emits one.
+    p = predictions.double().reshape(gt.shape)[valid].clamp(min=1e-12)
+    return p, gt[valid], valid
+
+
+def abs_rel_sum(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Sum over pixels of |p - g| / g."""
+    return ((p - g).abs() / g).sum()
 
 
 class DepthSource(BaseModel):
@@ -278,6 +292,34 @@ class DepthTask(PixelTask):
 
     def new_metric(self) -> Metric:
         return DepthMetric()
+
+    def image_records(
+        self, predictions: torch.Tensor, target: Any
+    ) -> list[dict[str, np.ndarray] | None]:
+        """``abs_rel_sum``, ``count`` (1,) float64: the image's valid pixels as ``DepthMetric``
+        sums them."""
+        gt, present = target_field(target, "depth")
+        out: list[dict[str, np.ndarray] | None] = []
+        for i in range(len(gt)):
+            if present is not None and not bool(present[i]):
+                out.append(None)
+                continue
+            p, g, _ = scored_pixels(predictions[i], gt[i])
+            out.append(
+                {
+                    "abs_rel_sum": np.array([float(abs_rel_sum(p, g))], np.float64),
+                    "count": np.array([float(g.numel())], np.float64),
+                }
+            )
+        return out
+
+    @classmethod
+    def records_metric(
+        cls, records: list[dict[str, np.ndarray]]
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """AbsRel pooled over every valid pixel: weighted ``abs_rel_sum`` / weighted ``count``
+        (not a mean of per-image means, as ``DepthMetric``)."""
+        return weighted_ratio(records, "abs_rel_sum", "count")
 
     # -- the pseudo-label store: ``depth`` float16 (h, w) metres, 0 = invalid
 

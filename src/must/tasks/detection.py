@@ -16,11 +16,13 @@ image, ``{"boxes": (n, 4) float32, "labels": (n,) int64 (0-based), "scores": (n,
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -28,6 +30,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
@@ -44,6 +48,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from must.errors import ConfigError, DataError
 from must.features import LEVEL_STRIDES, LEVELS, FeatureSpec, require
 from must.files import write_atomic
+from must.records import image_weights
 from must.tasks.base import StoreCheck, StoreStats, Task, TaskConfig, TaskHead, stat_text
 from must.tasks.draw import fit_map
 from must.tasks.registry import register_task
@@ -323,47 +328,9 @@ class DetectionMetric(MeanAveragePrecision):
         super().__init__(box_format="xyxy", iou_type="bbox", backend="pycocotools", **kwargs)
 
     def update(self, predictions: list[dict[str, torch.Tensor]], target: Any) -> None:
-        if isinstance(target, dict):
-            gts = [
-                {"boxes": b, "labels": lab}
-                for b, lab in zip(target["boxes"], target["labels"], strict=True)
-            ]
-            present = target.get("present")
-            present = [True] * len(gts) if present is None else [bool(p) for p in present]
-            originals = target.get("original")
-            if originals is not None:
-                # Scored at each image's own size: predictions mapped back, ground truth as read.
-                predictions = [
-                    to_original(p, o) for p, o in zip(predictions, originals, strict=True)
-                ]
-                gts = [original_target(o) for o in originals]
-        else:
-            gts, present = list(target), [True] * len(target)
-        if len(predictions) != len(gts):
-            raise ValueError(f"{len(predictions)} predictions for {len(gts)} targets")
-        preds, refs = [], []
-        for pred, gt, keep in zip(predictions, gts, present, strict=True):
-            if not keep:
-                continue
-            device = pred["boxes"].device
-            preds.append(
-                {
-                    "boxes": pred["boxes"].detach().float().reshape(-1, 4),
-                    "scores": pred["scores"].detach().float(),
-                    "labels": pred["labels"].detach().long(),
-                }
-            )
-            ref = {
-                "boxes": torch.as_tensor(gt["boxes"]).float().reshape(-1, 4).to(device),
-                "labels": torch.as_tensor(gt["labels"]).long().to(device),
-            }
-            # COCO's crowd regions (matched detections are ignored) and annotation areas.
-            for key in ("iscrowd", "area"):
-                if key in gt:
-                    ref[key] = torch.as_tensor(gt[key]).to(device)
-            refs.append(ref)
-        if preds:
-            super().update(preds, refs)
+        pairs = [pair for pair in scored_images(predictions, target) if pair is not None]
+        if pairs:
+            super().update([pred for pred, _ in pairs], [ref for _, ref in pairs])
 
     def compute(self) -> dict[str, torch.Tensor]:
         # Drop the per-class vectors and the class list: callers log each value as a float.
@@ -372,6 +339,223 @@ class DetectionMetric(MeanAveragePrecision):
             for k, v in super().compute().items()
             if k != "classes" and not k.endswith("_per_class")
         }
+
+
+def scored_images(
+    predictions: list[dict[str, torch.Tensor]], target: Any
+) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None]:
+    """Per image of a batch, the (prediction, ground truth) pair ``DetectionMetric`` scores
+    (in the image's own pixels when the target carries ``original``), None for an image
+    without a label. ``target``: a collated target or a list of ``{"boxes", "labels"}``."""
+    if isinstance(target, dict):
+        gts = [
+            {"boxes": b, "labels": lab}
+            for b, lab in zip(target["boxes"], target["labels"], strict=True)
+        ]
+        present = target.get("present")
+        present = [True] * len(gts) if present is None else [bool(p) for p in present]
+        originals = target.get("original")
+        if originals is not None:
+            # Scored at each image's own size: predictions mapped back, ground truth as read.
+            predictions = [to_original(p, o) for p, o in zip(predictions, originals, strict=True)]
+            gts = [original_target(o) for o in originals]
+    else:
+        gts, present = list(target), [True] * len(target)
+    if len(predictions) != len(gts):
+        raise ValueError(f"{len(predictions)} predictions for {len(gts)} targets")
+    out: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None] = []
+    for pred, gt, keep in zip(predictions, gts, present, strict=True):
+        if not keep:
+            out.append(None)
+            continue
+        device = pred["boxes"].device
+        scored = {
+            "boxes": pred["boxes"].detach().float().reshape(-1, 4),
+            "scores": pred["scores"].detach().float(),
+            "labels": pred["labels"].detach().long(),
+        }
+        ref = {
+            "boxes": torch.as_tensor(gt["boxes"]).float().reshape(-1, 4).to(device),
+            "labels": torch.as_tensor(gt["labels"]).long().to(device),
+        }
+        # COCO's crowd regions (matched detections are ignored) and annotation areas.
+        for key in ("iscrowd", "area"):
+            if key in gt:
+                ref[key] = torch.as_tensor(gt[key]).to(device)
+        out.append((scored, ref))
+    return out
+
+
+def detection_record(
+    prediction: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
+) -> dict[str, np.ndarray]:
+    """One image's scored pair (``scored_images``) as its test record: ``boxes`` (n, 4)
+    float32 XYXY, ``scores`` (n,) float32, ``labels`` (n,) int64, ``gt_boxes`` (m, 4)
+    float32 XYXY, ``gt_labels`` (m,) int64, ``gt_crowd`` (m,) int64 (COCO's iscrowd) and
+    ``gt_area`` (m,) float64 (COCO's area; 0: the box's, as torchmetrics computes it)."""
+    m = len(reference["labels"])
+
+    def array(value: Any, dtype: Any) -> np.ndarray:
+        return torch.as_tensor(value).detach().cpu().numpy().astype(dtype)
+
+    return {
+        "boxes": array(prediction["boxes"], np.float32).reshape(-1, 4),
+        "scores": array(prediction["scores"], np.float32).reshape(-1),
+        "labels": array(prediction["labels"], np.int64).reshape(-1),
+        "gt_boxes": array(reference["boxes"], np.float32).reshape(-1, 4),
+        "gt_labels": array(reference["labels"], np.int64).reshape(-1),
+        "gt_crowd": array(reference.get("iscrowd", torch.zeros(m)), np.int64).reshape(-1),
+        "gt_area": array(reference.get("area", torch.zeros(m)), np.float64).reshape(-1),
+    }
+
+
+def _xywh(boxes: np.ndarray) -> np.ndarray:
+    """XYXY -> XYWH in float32 arithmetic, as torchvision's ``box_convert`` does for the
+    metric (so pycocotools sees the very same numbers)."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+
+
+# Elements of a (resamples, IoU thresholds, detections) array handled at once by
+# ``coco_records_metric`` (bounds its memory to a few tens of MB).
+RECORDS_CHUNK_ELEMENTS = 2_000_000
+
+
+def coco_records_metric(
+    records: Sequence[Mapping[str, np.ndarray]],
+) -> Callable[[np.ndarray], np.ndarray]:
+    """COCO box mAP@[.5:.95] of re-weighted images (``Task.records_metric``), from the images'
+    ``detection_record``s. With unit weights it is ``DetectionMetric``'s ``map``: COCO
+    ground truth and results are built as torchmetrics builds them and matched once by
+    ``COCOeval.evaluate()`` (bbox, default parameters, area "all"); image weights then
+    multiply every count of ``COCOeval.accumulate``. pycocotools has no weighted accumulate,
+    so that step is written here, following its code: per category, the detections of every
+    image (each image's first maxDet by score) sorted by score (stable), cumulative weighted
+    true and false positives per IoU threshold, recall = tp / weighted non-ignored ground
+    truth, precision made non-increasing from the right, read at 101 recall thresholds
+    (``searchsorted(..., side="left")``, 0 beyond the last detection). A category without
+    weighted ground truth is left out of the mean (COCO's -1); -1 when no category is left
+    (as ``DetectionMetric`` gives then)."""
+    n = len(records)
+    classes = sorted(
+        {int(c) for r in records for c in (*r["gt_labels"].tolist(), *r["labels"].tolist())}
+    )
+    gt_anns: list[dict[str, Any]] = []
+    dt_anns: list[dict[str, Any]] = []
+    for i, r in enumerate(records):
+        areas, crowd = r["gt_area"].tolist(), r["gt_crowd"].tolist()
+        for j, (box, label) in enumerate(
+            zip(_xywh(r["gt_boxes"]).tolist(), r["gt_labels"].tolist(), strict=True)
+        ):
+            gt_anns.append(
+                {
+                    "id": len(gt_anns) + 1,  # ids from 1: pycocotools marks "no match" with 0
+                    "image_id": i,
+                    "category_id": int(label),
+                    "bbox": box,
+                    "area": areas[j] if areas[j] > 0 else box[2] * box[3],
+                    "iscrowd": int(crowd[j]),
+                }
+            )
+        for box, label, score in zip(
+            _xywh(r["boxes"]).tolist(), r["labels"].tolist(), r["scores"].tolist(), strict=True
+        ):
+            dt_anns.append(
+                {
+                    "id": len(dt_anns) + 1,
+                    "image_id": i,
+                    "category_id": int(label),
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                    "score": float(score),
+                }
+            )
+    if n == 0:
+        return lambda weights: np.full(len(image_weights(weights, 0)), -1.0)
+    images = [{"id": i} for i in range(n)]
+    categories = [{"id": c, "name": str(c)} for c in classes]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco = []
+        for anns in (gt_anns, dt_anns):
+            c = COCO()
+            c.dataset = {"images": images, "annotations": anns, "categories": categories}
+            c.createIndex()
+            coco.append(c)
+        ev = COCOeval(coco[0], coco[1], iouType="bbox")
+        # Area "all" alone: the other ranges are evaluated separately and never read here.
+        ev.params.areaRng, ev.params.areaRngLbl = ev.params.areaRng[:1], ev.params.areaRngLbl[:1]
+        ev.evaluate()
+    max_det = ev.params.maxDets[-1]
+    rec_thrs = ev.params.recThrs
+    thresholds = len(ev.params.iouThrs)
+    per_class = []
+    for k in range(len(ev.params.catIds)):
+        scores, image, matched, ignored = [], [], [], []
+        gt_counts = np.zeros(n)
+        for i in range(n):
+            e = ev.evalImgs[k * n + i]
+            if e is None:  # neither ground truth nor detection of the class in the image
+                continue
+            gt_counts[i] = np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)
+            s = np.asarray(e["dtScores"][:max_det], np.float64)
+            scores.append(s)
+            image.append(np.full(len(s), i))
+            matched.append(e["dtMatches"][:, :max_det])
+            ignored.append(e["dtIgnore"][:, :max_det])
+        if not scores:
+            continue
+        order = np.argsort(-np.concatenate(scores), kind="mergesort")
+        dtm = np.concatenate(matched, axis=1)[:, order]
+        dt_ignored = np.concatenate(ignored, axis=1)[:, order]
+        tp = np.logical_and(dtm, np.logical_not(dt_ignored)).astype(np.float64)
+        fp = np.logical_and(np.logical_not(dtm), np.logical_not(dt_ignored)).astype(np.float64)
+        per_class.append((np.concatenate(image)[order], tp, fp, gt_counts))
+
+    def metric(weights: np.ndarray) -> np.ndarray:
+        w = image_weights(weights, n)
+        total, counted = np.zeros(len(w)), np.zeros(len(w))
+        for image, tp, fp, gt_counts in per_class:
+            npig = w @ gt_counts
+            rows = np.flatnonzero(npig > 0)
+            counted[rows] += 1
+            d = tp.shape[1]
+            if d == 0:
+                continue  # AP 0
+            step = max(1, RECORDS_CHUNK_ELEMENTS // (thresholds * d))
+            for start in range(0, len(rows), step):
+                chunk = rows[start : start + step]
+                total[chunk] += _weighted_ap(w[chunk][:, image], tp, fp, npig[chunk], rec_thrs)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(counted > 0, total / counted, -1.0)
+
+    return metric
+
+
+def _weighted_ap(
+    weights: np.ndarray, tp: np.ndarray, fp: np.ndarray, npig: np.ndarray, rec_thrs: np.ndarray
+) -> np.ndarray:
+    """(C,) AP averaged over IoU thresholds of one category: ``weights`` (C, D) of its
+    detections (in score order), ``tp``/``fp`` (T, D) flags, ``npig`` (C,) weighted number of
+    non-ignored ground-truth boxes (> 0). ``COCOeval.accumulate`` with counts weighted."""
+    tps = weights[:, None, :] * tp[None]
+    np.cumsum(tps, axis=2, out=tps)
+    counted = tp + fp  # 0 for detections ignored at that threshold
+    if (counted == counted[:1]).all():  # the same detections count at every threshold
+        scored = np.cumsum(weights * counted[0], axis=1)[:, None, :]
+    else:
+        scored = weights[:, None, :] * counted[None]
+        np.cumsum(scored, axis=2, out=scored)
+    recall = tps / npig[:, None, None]
+    precision = tps / (scored + np.spacing(1))  # tp / (tp + fp + eps), as pycocotools
+    # pycocotools' envelope: each precision raised to the largest one at a higher recall.
+    np.maximum.accumulate(precision[..., ::-1], axis=2, out=precision[..., ::-1])
+    c, t, d = tps.shape
+    recall, precision = recall.reshape(c * t, d), precision.reshape(c * t, d)
+    at = np.stack([np.searchsorted(row, rec_thrs, side="left") for row in recall])
+    q = np.take_along_axis(precision, np.minimum(at, d - 1), axis=1)
+    q[at >= d] = 0.0  # recall thresholds beyond the last detection
+    return q.reshape(c, t * len(rec_thrs)).mean(axis=1)
 
 
 def to_original(prediction: dict[str, torch.Tensor], original: Mapping[str, Any]) -> dict:
@@ -560,6 +744,22 @@ class DetectionTask(Task):
 
     def new_metric(self) -> DetectionMetric:
         return DetectionMetric()
+
+    def image_records(
+        self, predictions: list[dict[str, torch.Tensor]], target: Any
+    ) -> list[dict[str, np.ndarray] | None]:
+        """Each image's predictions and ground truth as ``DetectionMetric`` scores them (see
+        ``detection_record``)."""
+        return [
+            None if pair is None else detection_record(*pair)
+            for pair in scored_images(predictions, target)
+        ]
+
+    @classmethod
+    def records_metric(
+        cls, records: list[dict[str, np.ndarray]]
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        return coco_records_metric(records)
 
     # -- the pseudo-label store: ``det_boxes`` float32 (n, 4) XYXY in pixels of the image at
     # its own size, ``det_classes`` int16 (n,), ``det_scores`` float16 (n,)

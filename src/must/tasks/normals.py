@@ -9,7 +9,7 @@ label) pixels are never learned nor scored. Predictions: unit vectors (B, 3, H, 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -23,6 +23,7 @@ from torchmetrics import Metric
 from must import imageio
 from must.dense import Normals
 from must.features import FeatureSpec
+from must.records import weighted_ratio
 from must.tasks.base import (
     StoreCheck,
     StoreStats,
@@ -88,6 +89,12 @@ def angles_deg(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.atan2(cross, dot))
 
 
+def scored_angles(predictions: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """The angles (degrees, float64) of the pixels of (B, 3, H, W) ``gt`` holding a normal."""
+    gt = gt.to(predictions.device)
+    return angles_deg(predictions, gt)[valid_normals(gt)]
+
+
 class NormalsMetric(Metric):
     """Angular errors over every valid pixel of the set: ``mean_angle`` and ``median_angle``
     in degrees, ``within_11.25`` / ``within_22.5`` / ``within_30`` as fractions in [0, 1].
@@ -118,9 +125,7 @@ class NormalsMetric(Metric):
     def update(self, predictions: torch.Tensor, target: Any) -> None:
         """``predictions``: (B, 3, H, W) normals; ``target``: a collated target or (B, 3, H, W)."""
         gt, _ = target_field(target, "normals")
-        gt = gt.to(predictions.device)
-        valid = valid_normals(gt)
-        ang = angles_deg(predictions, gt)[valid]
+        ang = scored_angles(predictions, gt)
         self.count += ang.numel()
         self.angle_sum += ang.sum()
         for i, t in enumerate(THRESHOLDS_DEG):
@@ -223,6 +228,33 @@ class NormalsTask(PixelTask):
 
     def new_metric(self) -> Metric:
         return NormalsMetric()
+
+    def image_records(
+        self, predictions: torch.Tensor, target: Any
+    ) -> list[dict[str, np.ndarray] | None]:
+        """``angle_sum``, ``count`` (1,) float64: the image's valid pixels as ``NormalsMetric``
+        sums them."""
+        gt, present = target_field(target, "normals")
+        out: list[dict[str, np.ndarray] | None] = []
+        for i in range(len(gt)):
+            if present is not None and not bool(present[i]):
+                out.append(None)
+                continue
+            ang = scored_angles(predictions[i : i + 1], gt[i : i + 1])
+            out.append(
+                {
+                    "angle_sum": np.array([float(ang.sum())], np.float64),
+                    "count": np.array([float(ang.numel())], np.float64),
+                }
+            )
+        return out
+
+    @classmethod
+    def records_metric(
+        cls, records: list[dict[str, np.ndarray]]
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """Mean angle over every valid pixel: weighted ``angle_sum`` / weighted ``count``."""
+        return weighted_ratio(records, "angle_sum", "count")
 
     # -- store and labelling: ``normals`` float16 (3, h, w) unit camera-frame vectors,
     # (0, 0, 0) = invalid; encoding and checks, the conversions, statistics

@@ -9,7 +9,7 @@ Predictions: logits (B, K, H, W).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -23,6 +23,7 @@ from torchvision import tv_tensors
 from must import imageio
 from must.errors import ConfigError, DataError
 from must.features import FeatureSpec
+from must.records import image_weights
 from must.tasks.base import (
     StoreCheck,
     StoreStats,
@@ -45,6 +46,7 @@ from must.tasks.pixel import (
 from must.tasks.registry import register_task
 
 STORE_IGNORE = 255  # the store's ignore value (docs/store.md)
+RECORDS_CHUNK = 64  # re-weightings summed at once by records_metric (bounds its memory)
 
 
 class SegmentationConfig(PixelTaskConfig):
@@ -96,18 +98,26 @@ class SegmentationMetric(Metric):
         target or (B, H, W) class ids."""
         labels, _ = target_field(target, "labels")
         pred = predictions.argmax(1) if predictions.dim() == 4 else predictions
-        labels = labels.to(pred.device).long()
-        # Out-of-vocabulary labels are treated like ignore: they cannot have a matrix row.
-        valid = (labels != self.ignore_index) & (labels >= 0) & (labels < self.num_classes)
-        k = self.num_classes
-        idx = labels[valid].long() * k + pred[valid].long()
-        self.confusion += torch.bincount(idx, minlength=k * k).view(k, k)
+        self.confusion += confusion_matrix(pred, labels, self.num_classes, self.ignore_index)
 
     def compute(self) -> dict[str, torch.Tensor]:
         miou, _ = miou_from_confusion(self.confusion)
         # 0/0 -> NaN pixel accuracy when nothing was scored.
         acc = self.confusion.diagonal().sum().double() / self.confusion.sum()
         return {"miou": torch.tensor(miou, dtype=torch.float64), "pixel_acc": acc}
+
+
+def confusion_matrix(
+    pred: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int
+) -> torch.Tensor:
+    """(K, K) int64 counts of (label, predicted class) over the pixels of ``pred`` (class ids)
+    whose label is scored."""
+    labels = labels.to(pred.device).long()
+    # Out-of-vocabulary labels are treated like ignore: they cannot have a matrix row.
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    k = num_classes
+    idx = labels[valid].long() * k + pred[valid].long()
+    return torch.bincount(idx, minlength=k * k).view(k, k)
 
 
 def miou_from_confusion(conf: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -237,6 +247,44 @@ class SegmentationTask(PixelTask):
 
     def new_metric(self) -> Metric:
         return SegmentationMetric(self.num_classes, self.config.ignore_index)
+
+    def image_records(
+        self, predictions: torch.Tensor, target: Any
+    ) -> list[dict[str, np.ndarray] | None]:
+        """``confusion`` (K, K) int64: the image's pixels as ``SegmentationMetric`` counts them."""
+        labels, present = target_field(target, "labels")
+        pred = predictions.argmax(1) if predictions.dim() == 4 else predictions
+        if present is None:
+            present = torch.ones(len(pred), dtype=torch.bool)
+        k, ignore = self.num_classes, self.config.ignore_index
+        return [
+            {"confusion": confusion_matrix(pred[i], labels[i], k, ignore).cpu().numpy()}
+            if bool(has)
+            else None
+            for i, has in enumerate(present)
+        ]
+
+    @classmethod
+    def records_metric(
+        cls, records: list[dict[str, np.ndarray]]
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """mIoU (``miou_from_confusion``) of the weighted sum of the images' confusion matrices."""
+        if not records:
+            return lambda weights: np.full(len(image_weights(weights, 0)), np.nan)
+        confusion = np.stack([r["confusion"] for r in records]).astype(np.float64)
+        n, k = confusion.shape[0], confusion.shape[1]
+        flat = confusion.reshape(n, k * k)
+
+        def metric(weights: np.ndarray) -> np.ndarray:
+            w = image_weights(weights, n)
+            out = np.empty(len(w))
+            for start in range(0, len(w), RECORDS_CHUNK):
+                summed = (w[start : start + RECORDS_CHUNK] @ flat).reshape(-1, k, k)
+                for j, conf in enumerate(summed):
+                    out[start + j] = miou_from_confusion(torch.from_numpy(conf))[0]
+            return out
+
+        return metric
 
     # -- the pseudo-label store: ``seg_map`` uint8 (h, w), 255 = ignored
 

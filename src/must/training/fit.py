@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -32,11 +33,13 @@ from torch.utils.data import DataLoader
 from must.checkpoint import torch_load
 from must.config import TrainConfig
 from must.errors import ConfigError, MustError
+from must.records import save_records
 from must.training.module import MultiTaskModule, NonFiniteLossError
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 BEST = "best.ckpt"
+TEST_RECORDS = "test_records"  # per-image records of the test pass, one file per task
 # Python objects our Lightning checkpoints may name beyond tensors and plain values. Found by
 # loading teacher, student (with learnt loss weights) and SimCLR checkpoints with
 # weights_only=True: none is needed. Anything else a checkpoint names is refused.
@@ -388,9 +391,13 @@ def fit_and_test(
     if not test_loader:  # None, or no loader (no dataset has a 'test' split)
         test_loader = None
         print("no 'test' split: no test metrics (validation metrics are on the 'val' split)")
+    # Records of an earlier evaluation of this folder never outlive it.
+    shutil.rmtree(out_dir / TEST_RECORDS, ignore_errors=True)
+    test_records = {}
     if test_loader is not None:
         evaluator.test(module, test_loader, verbose=False)
         test_metrics = dict(module.last_test)
+        test_records = save_test_records(module, out_dir)
     return {
         "val": val_metrics,
         "test": test_metrics,
@@ -400,4 +407,20 @@ def fit_and_test(
         "resumed_from_step": resumed_from,
         "best_checkpoint": best.name if best.exists() else LAST,
         "precision": resolve_precision(cfg),
+        "test_records": test_records,
     }
+
+
+def save_test_records(module: MultiTaskModule, out_dir: Path) -> dict[str, str]:
+    """Write each task's per-image records of the last test pass to
+    ``TEST_RECORDS/<task>.npz`` (``must.records``); returns task -> path under ``out_dir``."""
+    written = {}
+    for name, pairs in module.test_records.items():
+        if not pairs:
+            continue
+        task = module.model.tasks[name]
+        relative = f"{TEST_RECORDS}/{name}.npz"
+        keys = [key for key, _ in pairs]
+        save_records(out_dir / relative, name, task.primary_metric, keys, [r for _, r in pairs])
+        written[name] = relative
+    return written

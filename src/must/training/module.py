@@ -58,6 +58,10 @@ class MultiTaskModule(L.LightningModule):
         self.test_metrics = nn.ModuleDict({n: t.new_metric() for n, t in model.tasks.items()})
         self.last_validation: dict[str, dict[str, float]] = {}
         self.last_test: dict[str, dict[str, float]] = {}
+        # Per task, the (image key, record) pairs of the last test pass (Task.image_records),
+        # and those of the pass under way.
+        self.test_records: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        self._test_records: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         # Per task, what the multi-task selection score compares its primary metric with: the
         # teacher's validation value where given, else set at the first validation. Kept in
         # the checkpoints, so a resumed run scores as before.
@@ -186,10 +190,24 @@ class MultiTaskModule(L.LightningModule):
         self.last_validation = self._compute(self.val_metrics, "val")
 
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(self.test_metrics, batch)
+        # The metrics' update (as ``_update``) and each image's record, from one forward pass.
+        predictions, _ = self.model(batch.images, features=batch.features)
+        for name, metric in self.test_metrics.items():
+            if name not in batch.targets:
+                continue
+            metric.update(predictions[name], batch.targets[name])
+            task = self.model.tasks[name]
+            records = task.image_records(predictions[name], batch.targets[name])
+            if records is not None:
+                self._test_records.setdefault(name, []).extend(
+                    (key, record)
+                    for key, record in zip(batch.keys, records, strict=True)
+                    if record is not None
+                )
 
     def on_test_epoch_end(self) -> None:
         self.last_test = self._compute(self.test_metrics, "test")
+        self.test_records, self._test_records = self._test_records, {}
 
     # --- optimisation ---
     def configure_optimizers(self):
