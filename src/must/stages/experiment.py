@@ -119,6 +119,7 @@ class TransferStage(DataSource, _Strict):
                     f"{', '.join(TASK_TYPES)}; modes: finetune, probe)"
                 )
         return per_column
+
     # scratch, teachers (each teacher), teacher:<task>, simclr, multitask, student, and the
     # extra students when their stages run (student_pool<percent>, student_from_multitask).
     backbones: list[str] = ["scratch", "teachers", "simclr", "multitask", "student"]
