@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from must.records import save_records
 from must.stages.report import write_report
 from must.stats import (
     average_ranks,
@@ -23,76 +21,17 @@ from must.stats import (
     relative_error_reduction,
     stable_seed,
 )
-from must.tasks import TASK_TYPES
 
-# --- the records' file format (docs/training.md), written and read without must.records ----
+# --- synthetic runs with records written by must.records ------------------------------------
 
 
 def write_records(path: Path, task: str, metric: str, keys: list[str], fields: dict) -> None:
-    """One .npz as the records format describes it: 0-d ``task``/``metric``, ``keys``, and
-    per field the images' arrays concatenated plus ``F.offsets`` (N + 1)."""
-    arrays = {"task": np.array(task), "metric": np.array(metric), "keys": np.array(keys)}
-    for name, per_image in fields.items():
-        lengths = [len(a) for a in per_image]
-        arrays[name] = np.concatenate(per_image)
-        arrays[f"{name}.offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
+    """``fields``: {field: per-image arrays}, as a task's ``image_records`` gives them."""
+    records = [
+        dict(zip(fields, arrays, strict=True)) for arrays in zip(*fields.values(), strict=True)
+    ]
+    save_records(path, task, metric, keys, records)
 
-
-@dataclass(frozen=True)
-class _RecordSet:
-    task: str
-    metric: str
-    keys: list[str]
-    records: list[dict[str, np.ndarray]]
-
-    def subset(self, keys: list[str]) -> _RecordSet:
-        where = {k: i for i, k in enumerate(self.keys)}
-        return _RecordSet(
-            self.task, self.metric, list(keys), [self.records[where[k]] for k in keys]
-        )
-
-
-def _load_records(path) -> _RecordSet:
-    with np.load(path, allow_pickle=False) as z:
-        keys = [str(k) for k in z["keys"]]
-        names = [f for f in z.files if f not in ("task", "metric", "keys") and "." not in f]
-        cut = {f: (z[f], z[f"{f}.offsets"]) for f in names}
-        records = [{f: a[o[i] : o[i + 1]] for f, (a, o) in cut.items()} for i in range(len(keys))]
-        return _RecordSet(str(z["task"]), str(z["metric"]), keys, records)
-
-
-def _top1(cls, records):
-    correct = np.array([r["correct1"][0] for r in records], dtype=np.float64)
-    return lambda w: (w @ correct) / w.sum(1)
-
-
-def _pooled_ratio(cls, records):
-    total = np.array([r["abs_rel_sum"][0] for r in records])
-    count = np.array([r["count"][0] for r in records])
-    return lambda w: (w @ total) / (w @ count)
-
-
-@pytest.fixture(autouse=True)
-def records_interface(monkeypatch):
-    """The records module and the tasks' ``records_metric`` where this tree lacks them (the
-    report reads them through that interface only)."""
-    try:
-        import must.records  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("must.records")
-        stub.load_records = _load_records
-        monkeypatch.setitem(sys.modules, "must.records", stub)
-    for task, hook in (("classification", _top1), ("depth", _pooled_ratio)):
-        if getattr(TASK_TYPES[task], "records_metric", None) is None:
-            monkeypatch.setattr(
-                TASK_TYPES[task], "records_metric", classmethod(hook), raising=False
-            )
-
-
-# --- synthetic runs -------------------------------------------------------------------------
 
 METRICS = {"classification": "top1", "depth": "abs_rel"}
 
