@@ -177,7 +177,7 @@ def test_win_tie_loss_and_aggregates_of_a_paired_column(tmp_path):
     # The report: the headline first, the sentence, the difference cells.
     assert md.index("## Headline") < md.index("## Transfer to the downstream tasks")
     assert (
-        "**probe**, on the aggregate (both mean rank and relative error reduction, paired 95% "
+        "**probe**, on the aggregate (the mean relative error reduction over scratch, paired 95% "
         "intervals): the student is significantly better than scratch; significantly worse "
         "than simclr; undecided against multitask." in md
     )
