@@ -53,6 +53,12 @@ def main() -> None:
     report = (work / "report.md").read_text()
     # Keep the tables and the text, not the pictures (they stay in the run folders).
     tables = report.split("## Training curves")[0].split("## Loss weights and data")[0]
+    # The downstream validation curves (is each schedule converged?) travel with the tables.
+    curves = work / "report" / "transfer_curves.png"
+    if curves.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(curves, out / "mini_transfer_curves.png")
+        tables = tables.replace("](report/transfer_curves.png)", "](mini_transfer_curves.png)")
     stage_seconds = {}
     for s in args.seeds:
         status_file = work / f"seed{s}" / "stages.json"
