@@ -34,6 +34,13 @@ BACKBONES = ("scratch", "multitask")  # never the student: the choice must not f
 BUDGET = {"finetune": 1200, "probe": 2000}
 FACTORS = (1 / 3, 1.0, 3.0)
 CLOSE = 0.01  # "within 1% of its best"
+RULE = (
+    "each task and mode trains from scratch and from the multi-task baseline for a long budget "
+    "(fine-tuning 1200 steps, probes 2000) at 1/3, 1 and 3 times the preset's learning rate; "
+    "kept: the rate with the best mean over the two backbones of the best validation primary "
+    "metric (ties: the lower rate), then the first quarter of the budget at which both "
+    "backbones' validation metric is within 1% (relative) of its best."
+)
 
 
 def validation_curve(run: Path, task: str) -> list[tuple[int, float]]:
@@ -73,7 +80,7 @@ def main() -> None:
     cfg = load_experiment(args.experiment, [f"data_cache={run.parent / 'data'}"])
     experiment = Experiment(cfg, run, progress=False)
     tasks = args.tasks or list(cfg.transfer.tasks)
-    results: dict = {"rule": __doc__.split("\n\n")[2].replace("\n", " "), "columns": {}}
+    results: dict = {"rule": RULE, "budget_scale": args.scale, "columns": {}}
     for mode in args.modes:
         budget = 8 * max(1, round(BUDGET[mode] * args.scale / 8))
         for task in tasks:
@@ -120,9 +127,12 @@ def main() -> None:
     lines = [
         "# Downstream schedules chosen on validation",
         "",
-        f"Command: `python benchmarks/transfer_schedule.py --run RUN --modes {' '.join(args.modes)}`"
-        f" on the `{args.experiment}` experiment's seed-{cfg.seed} run. Rule (docs/benchmark.md, "
-        "section 3): " + results["rule"],
+        "Command: `python benchmarks/transfer_schedule.py --run RUN --modes "
+        + " ".join(args.modes)
+        + (f" --tasks {' '.join(args.tasks)}" if args.tasks else "")
+        + (f" --scale {args.scale:g}" if args.scale != 1 else "")
+        + f"` on a seed-{cfg.seed} run of the `{args.experiment}` experiment. Rule "
+        "(docs/benchmark.md, section 3): " + RULE,
         "",
         "Best validation primary metric per learning rate (scratch / multitask); chosen "
         "rate in bold; steps: the first quarter of the budget within 1% of the best.",
