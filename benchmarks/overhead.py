@@ -13,6 +13,14 @@ the model file) is the fixed cost of a run, reported separately in seconds.
 
     python benchmarks/overhead.py --out benchmarks/results [--presets teach_detection_cpu ...]
         [--steps 60] [--pairs 3] [--num 600]
+
+Separate processes differ in speed by more than the effect (the machine drifts), so
+``--in-process`` measures the per-step cost another way: ``must teach`` runs in this process
+and a callback hands the CPU to the bare loop every ``--block`` steps, alternating short
+blocks of each, timed separately (``overhead_in_process.{json,md}``):
+
+    python benchmarks/overhead.py --in-process --out benchmarks/results [--block 10]
+        [--blocks 16] [--warm 20] [--num 2000] [--data-cache DIR]
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import spread, write_results
@@ -86,70 +96,159 @@ def run_bare(preset: str, opts: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bare_loop(preset: str, opts: list[str]) -> dict:
-    """Train, validate once and checkpoint by hand: what ``must teach`` does inside its clock.
-    Model, data and optimizer come from the same settings; the loop is plain PyTorch."""
-    from must.config import TeachConfig, load_config
-    from must.tasks import build_task
-    from must.training.data import make_dataset, make_loader, resolve_workers
-    from must.training.fit import resolve_precision
-    from must.training.module import optimizer_and_schedule
+class BareLoop:
+    """The hand-written loop: model, data and optimizer built from the same settings as
+    ``must teach`` builds them, trained with plain PyTorch."""
 
-    cfg = load_config(TeachConfig, preset, opts)
-    tc = cfg.train
-    root = cfg.data.prepare(progress=False)
-    train_set = make_dataset(root, "train", cfg.data, train=True, tasks=[cfg.task])
-    val_set = make_dataset(root, "val", cfg.data, train=False, tasks=[cfg.task])
-    from must.models.model import MultiTaskModel
+    def __init__(self, preset: str, opts: list[str]) -> None:
+        from must.config import TeachConfig, load_config
+        from must.models.model import MultiTaskModel
+        from must.tasks import build_task
+        from must.training.data import make_dataset, make_loader, resolve_workers
+        from must.training.fit import resolve_precision
+        from must.training.module import optimizer_and_schedule
 
-    torch.manual_seed(tc.seed)
-    task = build_task(cfg.task, train_set.classes.get(cfg.task), cfg.model.heads.get(cfg.task))
-    model = MultiTaskModel(cfg.model.backbone, {cfg.task: task})
-    workers = resolve_workers(cfg.data.num_workers)
-    train_loader = make_loader(train_set, model.tasks, tc.batch_size, workers, True, tc.seed)
-    val_loader = make_loader(val_set, model.tasks, tc.batch_size, workers, False)
-    opt_and_schedule = optimizer_and_schedule(list(model.parameters()), tc)
-    opt = opt_and_schedule["optimizer"]
-    schedule = opt_and_schedule["lr_scheduler"]["scheduler"]
-    precision = resolve_precision(tc)
-    autocast = (
-        (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-        if precision == "bf16-mixed"
-        else nullcontext
-    )
-    metric = task.new_metric()
+        cfg = load_config(TeachConfig, preset, opts)
+        self.task_name, self.train_cfg = cfg.task, cfg.train
+        tc = cfg.train
+        root = cfg.data.prepare(progress=False)
+        train_set = make_dataset(root, "train", cfg.data, train=True, tasks=[cfg.task])
+        val_set = make_dataset(root, "val", cfg.data, train=False, tasks=[cfg.task])
+        torch.manual_seed(tc.seed)
+        task = build_task(cfg.task, train_set.classes.get(cfg.task), cfg.model.heads.get(cfg.task))
+        self.model = MultiTaskModel(cfg.model.backbone, {cfg.task: task})
+        workers = resolve_workers(cfg.data.num_workers)
+        self.train_loader = make_loader(
+            train_set, self.model.tasks, tc.batch_size, workers, True, tc.seed
+        )
+        self.val_loader = make_loader(val_set, self.model.tasks, tc.batch_size, workers, False)
+        opt_and_schedule = optimizer_and_schedule(list(self.model.parameters()), tc)
+        self.opt = opt_and_schedule["optimizer"]
+        self.schedule = opt_and_schedule["lr_scheduler"]["scheduler"]
+        bf16 = resolve_precision(tc) == "bf16-mixed"
+        self.autocast = (
+            (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
+        )
+        self.metric = task.new_metric()
+        self.batches = iter(())
 
-    start = time.perf_counter()
-    model.train()
-    step = 0
-    while step < tc.max_steps:
-        for batch in train_loader:
-            with autocast():
-                _, losses = model(batch.images, batch.targets)
-            loss = sum(losses[cfg.task].values())
-            opt.zero_grad(set_to_none=True)
+    def next_batch(self):
+        try:
+            return next(self.batches)
+        except StopIteration:  # a new epoch, as the Lightning loop starts one
+            self.batches = iter(self.train_loader)
+            return next(self.batches)
+
+    def steps(self, n: int) -> None:
+        """``n`` training steps: fetch, forward, backward, clip, optimizer and schedule step."""
+        self.model.train()
+        for _ in range(n):
+            batch = self.next_batch()
+            with self.autocast():
+                _, losses = self.model(batch.images, batch.targets)
+            loss = sum(losses[self.task_name].values())
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            if tc.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            schedule.step()
-            step += 1
-            if step == tc.max_steps:
-                break
-    model.eval()
-    with torch.no_grad():
-        for batch in val_loader:
-            with autocast():
-                predictions, _ = model(batch.images)
-            if cfg.task in batch.targets:
-                metric.update(predictions[cfg.task], batch.targets[cfg.task])
-    metric.compute()
-    with tempfile.TemporaryDirectory() as tmp:
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
-        for name in ("last.pt", "best.pt"):  # must keeps the last and the best checkpoint
-            torch.save(state, Path(tmp) / name)
+            if self.train_cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
+            self.opt.step()
+            self.schedule.step()
+
+    def validate_and_save(self) -> None:
+        """One validation pass and the two checkpoints ``must teach`` keeps (last and best)."""
+        self.model.eval()
+        with torch.no_grad():
+            for batch in self.val_loader:
+                with self.autocast():
+                    predictions, _ = self.model(batch.images)
+                if self.task_name in batch.targets:
+                    self.metric.update(predictions[self.task_name], batch.targets[self.task_name])
+        self.metric.compute()
+        with tempfile.TemporaryDirectory() as tmp:
+            state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+            for name in ("last.pt", "best.pt"):
+                torch.save(state, Path(tmp) / name)
+
+
+def bare_loop(preset: str, opts: list[str]) -> dict:
+    """Train, validate once and checkpoint by hand: what ``must teach`` does inside its clock."""
+    loop = BareLoop(preset, opts)
+    start = time.perf_counter()
+    loop.steps(loop.train_cfg.max_steps)
+    loop.validate_and_save()
     seconds = time.perf_counter() - start
-    return {"images_per_s": step * tc.batch_size / seconds, "train_seconds": seconds}
+    images = loop.train_cfg.max_steps * loop.train_cfg.batch_size
+    return {"images_per_s": images / seconds, "train_seconds": seconds}
+
+
+class Interleave(Callback):
+    """Inside ``must teach``'s training loop, every ``block`` steps: stop the clock of the
+    Lightning block that just ended, run ``block`` steps of the bare loop on its own clock, and
+    start the next Lightning block. Both alternate in one process within seconds of each
+    other, so the machine's drift (which swamps a 5% effect between separate processes) hits
+    both alike."""
+
+    def __init__(self, bare: BareLoop, block: int, warm: int) -> None:
+        self.bare, self.block, self.warm = bare, block, warm
+        self.mark: float | None = None
+        self.must_seconds: list[float] = []
+        self.bare_seconds: list[float] = []
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        step = trainer.global_step
+        if step < self.warm or (step - self.warm) % self.block:
+            return
+        now = time.perf_counter()
+        if self.mark is None:
+            self.bare.steps(self.warm)  # the bare loop's own warm-up, untimed
+        else:
+            self.must_seconds.append(now - self.mark)
+            start = time.perf_counter()
+            self.bare.steps(self.block)
+            self.bare_seconds.append(time.perf_counter() - start)
+        self.mark = time.perf_counter()
+
+
+def in_process(preset: str, opts: list[str], block: int, blocks: int, warm: int, out: Path) -> dict:
+    """``must teach`` (in this process, progress bar on, as the command runs) with the bare
+    loop interleaved block by block; per pair of blocks, the time of each."""
+    import must.training.fit as fit
+    from must.config import TeachConfig, load_config
+    from must.stages.teach import teach
+
+    steps = warm + block * blocks + 1  # the last block ends at a hook of its own
+    # Validation only at the end (the bare loop validates once too); the preset's periodic
+    # checkpoints and logging stay inside the blocks, as they are per-step framework cost.
+    opts = [*opts, f"train.max_steps={steps}", f"train.val_every={steps}"]
+    bare = BareLoop(preset, opts)
+    hook = Interleave(bare, block, warm)
+    make_trainer = fit.make_trainer
+
+    def with_hook(*args, **kwargs):
+        trainer = make_trainer(*args, **kwargs)
+        trainer.callbacks.append(hook)
+        return trainer
+
+    fit.make_trainer = with_hook
+    try:
+        teach(load_config(TeachConfig, preset, opts), out, overwrite=True, progress=True)
+    finally:
+        fit.make_trainer = make_trainer
+    return {
+        "must_seconds": hook.must_seconds,
+        "bare_seconds": hook.bare_seconds,
+        "batch_size": bare.train_cfg.batch_size,
+    }
+
+
+def ratio_interval(must: list[float], bare: list[float], resamples: int = 2000) -> dict:
+    """must / bare throughput (bare time over must time, summed over pairs of blocks) with a
+    95% percentile bootstrap interval over the pairs."""
+    m, b = np.asarray(must), np.asarray(bare)
+    draws = np.random.default_rng(0).integers(0, len(m), size=(resamples, len(m)))
+    boot = b[draws].sum(1) / m[draws].sum(1)
+    low, high = np.quantile(boot, [0.025, 0.975])
+    return {"ratio": float(b.sum() / m.sum()), "low": float(low), "high": float(high)}
 
 
 def main() -> None:
@@ -165,6 +264,16 @@ def main() -> None:
         default=0,
         help="also compare must teach with 0 and 1 loader workers (interleaved pairs)",
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="interleave must teach and the bare loop block by block in one process (writes "
+        "overhead_in_process.{json,md})",
+    )
+    parser.add_argument("--block", type=int, default=10, help="--in-process: steps per block")
+    parser.add_argument("--blocks", type=int, default=16, help="--in-process: pairs of blocks")
+    parser.add_argument("--data-cache", help="--in-process: render into (or reuse) this data cache")
+    parser.add_argument("--warm", type=int, default=20, help="--in-process: untimed first steps")
     parser.add_argument("--bare", help=argparse.SUPPRESS)  # internal: run the bare loop
     parser.add_argument("--opt", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("extra", nargs="*", help="config overrides for both runs")
@@ -185,6 +294,9 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "bare", "opt")},
         "presets": {},
     }
+    if args.in_process:
+        main_in_process(args, results)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "data"
         for preset in args.presets:
@@ -220,6 +332,75 @@ def main() -> None:
             }
     results["machine"]["load_after"] = round(os.getloadavg()[0], 2)
     write_results(args.out, "overhead", results, report(results))
+
+
+def main_in_process(args: argparse.Namespace, results: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(args.data_cache or Path(tmp) / "data")
+        for preset in args.presets:
+            # The preset's own schedule, logging and checkpoint interval.
+            opts = [f"data.cache={cache}", f"data.num={args.num}", *args.extra]
+            times = in_process(preset, opts, args.block, args.blocks, args.warm, Path(tmp) / preset)
+            batch = times["batch_size"]
+            must, bare = times["must_seconds"], times["bare_seconds"]
+            ratio = ratio_interval(must, bare)
+            results["presets"][preset] = {
+                **times,
+                "must_images_per_s": batch * args.block * len(must) / sum(must),
+                "bare_images_per_s": batch * args.block * len(bare) / sum(bare),
+                "pair_ratios": spread([b / m for m, b in zip(must, bare, strict=True)]),
+                **ratio,
+            }
+            print(
+                f"{preset}: must / bare {ratio['ratio']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]"
+            )
+    results["machine"]["load_after"] = round(os.getloadavg()[0], 2)
+    write_results(args.out, "overhead_in_process", results, report_in_process(results))
+
+
+def report_in_process(results: dict) -> str:
+    m, s = results["machine"], results["settings"]
+    command = (
+        f"python benchmarks/overhead.py --in-process --block {s['block']} --blocks {s['blocks']} "
+        f"--warm {s['warm']} --num {s['num']} --presets {' '.join(s['presets'])}"
+    )
+    lines = [
+        "# Framework overhead per step: `must teach` and a bare loop interleaved in one process",
+        "",
+        f"Machine: {m['cpus']} CPUs ({m['threads']} torch threads), Python {m['python']}, torch "
+        f"{m['torch']}; load average {m['load_before']} before, {m['load_after']} after. "
+        f"Command: `{command}`.",
+        f"`must teach` runs in the benchmark's process with its progress bar, logging and "
+        f"periodic checkpoints as the preset sets them (validation only at the end). After "
+        f"{s['warm']} untimed steps, a callback stops its clock every {s['block']} steps, runs "
+        f"{s['block']} steps of the bare loop (same model, data, loader, optimizer, schedule, "
+        f"clipping and precision, its own copy) on a clock of its own, and restarts the "
+        f"Lightning clock: {s['blocks']} pairs of blocks, seconds apart, so the drift of the "
+        "machine's speed (which made separate processes differ by up to 30%, see "
+        "`overhead.md`) reaches both alike.",
+        "Ratio: must images/s over bare images/s (bare seconds over must seconds, summed over "
+        "the pairs), with a 95% bootstrap interval over the pairs; a verdict only where the "
+        "interval lies on one side of 0.95. The fixed cost of a run (start-up, data, test pass, "
+        "model file) is outside the blocks: see `overhead.md`.",
+        "",
+        "| preset | must (images/s) | bare (images/s) | must / bare, 95% interval (target ≥ 0.95) "
+        "| per-pair ratios, median [min, max] |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for preset, r in results["presets"].items():
+        if r["low"] >= 0.95:
+            verdict = "meets"
+        elif r["high"] < 0.95:
+            verdict = "misses"
+        else:
+            verdict = "undecided"
+        p = r["pair_ratios"]
+        lines.append(
+            f"| {preset} | {r['must_images_per_s']:.1f} | {r['bare_images_per_s']:.1f} "
+            f"| {r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}] ({verdict}) "
+            f"| {p['median']:.3f} [{p['min']:.3f}, {p['max']:.3f}] |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def report(results: dict) -> str:
