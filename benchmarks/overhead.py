@@ -334,6 +334,13 @@ def main() -> None:
     write_results(args.out, "overhead", results, report(results))
 
 
+def target_verdict(low: float, high: float, undecided: str, target: float = 0.95) -> str:
+    """ "meets" when the whole range lies at or above ``target``, "misses" when below."""
+    if low >= target:
+        return "meets"
+    return "misses" if high < target else undecided
+
+
 def main_in_process(args: argparse.Namespace, results: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.data_cache or Path(tmp) / "data")
@@ -388,12 +395,7 @@ def report_in_process(results: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for preset, r in results["presets"].items():
-        if r["low"] >= 0.95:
-            verdict = "meets"
-        elif r["high"] < 0.95:
-            verdict = "misses"
-        else:
-            verdict = "undecided"
+        verdict = target_verdict(r["low"], r["high"], "undecided")
         p = r["pair_ratios"]
         lines.append(
             f"| {preset} | {r['must_images_per_s']:.1f} | {r['bare_images_per_s']:.1f} "
@@ -428,12 +430,7 @@ def report(results: dict) -> str:
     for preset, r in results["presets"].items():
         ratio = r["ratio"]
         # A verdict only where every pair agrees; otherwise the spread decides nothing.
-        if ratio["min"] >= 0.95:
-            verdict = "meets"
-        elif ratio["max"] < 0.95:
-            verdict = "misses"
-        else:
-            verdict = "undecided: the pairs straddle 0.95"
+        verdict = target_verdict(ratio["min"], ratio["max"], "undecided: the pairs straddle 0.95")
         lines.append(
             f"| {preset} | {r['must_images_per_s']['median']:.1f} "
             f"| {r['bare_images_per_s']['median']:.1f} "
