@@ -244,10 +244,11 @@ def in_process(preset: str, opts: list[str], block: int, blocks: int, warm: int,
 def ratio_interval(must: list[float], bare: list[float], resamples: int = 2000) -> dict:
     """must / bare throughput (bare time over must time, summed over pairs of blocks) with a
     95% percentile bootstrap interval over the pairs."""
+    from must.stats import bootstrap_weights, interval
+
     m, b = np.asarray(must), np.asarray(bare)
-    draws = np.random.default_rng(0).integers(0, len(m), size=(resamples, len(m)))
-    boot = b[draws].sum(1) / m[draws].sum(1)
-    low, high = np.quantile(boot, [0.025, 0.975])
+    counts = bootstrap_weights(len(m), resamples, seed=0)  # how often each pair is drawn
+    low, high = interval(counts @ b / (counts @ m))
     return {"ratio": float(b.sum() / m.sum()), "low": float(low), "high": float(high)}
 
 
@@ -291,7 +292,10 @@ def main() -> None:
             "torch": torch.__version__,
             "load_before": round(load, 2),
         },
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "bare", "opt")},
+        # Where files go or come from is no setting of the measurement (and names this machine).
+        "settings": {
+            k: v for k, v in vars(args).items() if k not in ("out", "bare", "opt", "data_cache")
+        },
         "presets": {},
     }
     if args.in_process:
