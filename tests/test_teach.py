@@ -15,7 +15,7 @@ import torch
 
 from must.checkpoint import load_model
 from must.cli import main
-from must.config import TeachConfig, load_config
+from must.config import TeachConfig, load_config, same_run
 from must.data.source import DataSource
 from must.data.styles import load_style
 from must.errors import ConfigError, MustError
@@ -267,3 +267,19 @@ def test_run_recorded_before_num_workers_auto_is_still_the_same_run(seg_teacher,
             )
     finally:
         config.write_text(text)
+
+
+def test_a_head_setting_written_at_its_default_is_the_same_run():
+    """An experiment that states a head's default explicitly (a variant of a benchmark) reuses
+    the run trained without it; any other value, or a wrong one, is another run."""
+    recorded = load_config(TeachConfig, "teach_detection_cpu").model_dump(mode="json")
+    head = recorded["model"]["heads"]["detection"]
+    assert "num_convs" not in head  # left to its default in the preset
+
+    def with_head(**settings) -> dict:
+        heads = {"detection": {**head, **settings}}
+        return {**recorded, "model": {**recorded["model"], "heads": heads}}
+
+    assert same_run(recorded, with_head(num_convs=4, rpn_post_nms_top_n_train=300))
+    assert not same_run(recorded, with_head(num_convs=2))
+    assert not same_run(recorded, with_head(num_convs="four"))

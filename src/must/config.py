@@ -406,6 +406,18 @@ def dump_yaml(model: BaseModel) -> str:
 EXECUTION_ONLY = (("data", "num_workers"),)
 
 
+def _head(task: str, settings: Any) -> Any:
+    """A task's head settings with every default filled in (as given when they do not
+    validate: they then compare as written)."""
+    kind = TASK_TYPES.get(task)
+    if kind is None or not isinstance(settings, dict):
+        return settings
+    try:
+        return kind.config_type.model_validate(settings).model_dump(mode="json")
+    except ValidationError:
+        return settings
+
+
 def same_run(recorded: Any, current: Any) -> bool:
     """Whether two configs (as loaded from YAML) describe the same training."""
 
@@ -426,7 +438,10 @@ def same_run(recorded: Any, current: Any) -> bool:
         # Runs recorded before backbones had names trained the ResNet.
         model = cfg.get("model")
         if isinstance(model, dict) and isinstance(model.get("backbone"), dict):
-            cfg["model"] = {**model, "backbone": {"name": RESNET, **model["backbone"]}}
+            cfg["model"] = model = {**model, "backbone": {"name": RESNET, **model["backbone"]}}
+        # A head setting written out at its default value trains the same head as one left out.
+        if isinstance(model, dict) and isinstance(model.get("heads"), dict):
+            cfg["model"] = {**model, "heads": {n: _head(n, h) for n, h in model["heads"].items()}}
         return cfg
 
     return strip(recorded) == strip(current)
