@@ -1,5 +1,6 @@
-"""Training with several processes (DDP over gloo on the CPU): only global rank 0 evaluates,
-writes and prints, and its metrics are those of the whole splits, each image counted once."""
+"""Training with several processes (DDP over gloo on the CPU): the ranks keep identical
+weights, only global rank 0 evaluates, writes and prints, and its metrics are those of the
+whole splits, each image counted once."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import must.checkpoint as checkpoint
 from must.checkpoint import load_model, save_model
@@ -26,12 +28,76 @@ TINY = [*TINY_MODEL, *tiny_data(num=30), *tiny_steps(6, 3)]
 TWO_PROCESSES = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu"]
 
 
-def must(*args: str | Path) -> subprocess.CompletedProcess:
-    """``must ARGS`` in a new process (Lightning starts the second one from its command line)."""
-    command = [sys.executable, "-m", "must.cli", *map(str, args)]
+# ``must`` with every rank's parameters saved to rank<R>-<when>.pt beside this script when
+# training starts (after DDP has set the model up) and when it ends. Lightning starts the
+# second process by running this script again.
+RANK_WEIGHTS = """
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import must.training.fit as fit
+from must.cli import main
+
+HERE = Path(__file__).parent
+
+
+class SaveWeights(Callback):
+    def save(self, trainer, module, when):
+        weights = {n: p.detach().cpu().clone() for n, p in module.named_parameters()}
+        torch.save(weights, HERE / f"rank{trainer.global_rank}-{when}.pt")
+
+    def on_train_start(self, trainer, module):
+        self.save(trainer, module, "start")
+
+    def on_train_end(self, trainer, module):
+        self.save(trainer, module, "end")
+
+
+make_trainer = fit.make_trainer
+
+
+def make_trainer_saving_weights(*args, **kwargs):
+    trainer = make_trainer(*args, **kwargs)
+    trainer.callbacks.append(SaveWeights())
+    return trainer
+
+
+fit.make_trainer = make_trainer_saving_weights
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def must(*args: str | Path, ranks: Path) -> subprocess.CompletedProcess:
+    """``must ARGS`` in a new process, each rank's weights saved under the folder ``ranks``."""
+    ranks.mkdir(parents=True)
+    script = ranks / "must_saving_rank_weights.py"
+    script.write_text(RANK_WEIGHTS)
+    command = [sys.executable, str(script), *map(str, args)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def assert_ranks_trained_the_same_weights(ranks: Path) -> None:
+    """Both ranks start training from the same weights (DDP hands rank 0's to the others)
+    and, after the steps, hold the same weights again (DDP averages the gradients, so every
+    rank takes the same optimizer step); the steps changed them."""
+    weights = {
+        (rank, when): torch.load(ranks / f"rank{rank}-{when}.pt", weights_only=True)
+        for rank in (0, 1)
+        for when in ("start", "end")
+    }
+    for when in ("start", "end"):
+        zero, one = weights[0, when], weights[1, when]
+        assert zero and zero.keys() == one.keys()
+        different = [n for n in zero if not torch.equal(zero[n], one[n])]
+        assert not different, (when, different[:5])
+    start, end = weights[0, "start"], weights[0, "end"]
+    moved = [n for n in start if not torch.equal(start[n], end[n])]
+    assert any("heads." in n for n in moved) and any("backbone." in n for n in moved), moved
 
 
 def leftovers(folder: Path) -> list[Path]:
@@ -45,7 +111,7 @@ def teacher(tmp_path_factory) -> tuple[Path, Path, str]:
     out, cache = root / "teacher", root / "data"
     proc = must(
         "teach", "teach_segmentation_cpu", "--out", out, "--quiet",
-        *TINY, f"data.cache={cache}", *TWO_PROCESSES,
+        *TINY, f"data.cache={cache}", *TWO_PROCESSES, ranks=root / "teacher-ranks",
     )  # fmt: skip
     return out, cache, proc.stdout
 
@@ -53,6 +119,7 @@ def teacher(tmp_path_factory) -> tuple[Path, Path, str]:
 @pytest.mark.slow
 def test_two_process_teacher_is_written_and_reported_once_with_whole_split_metrics(teacher):
     out, _cache, stdout = teacher
+    assert_ranks_trained_the_same_weights(out.parent / "teacher-ranks")
     assert stdout.count("teacher for segmentation written to") == 1
     assert stdout.count("validation (split 'val'):") == 1
     assert stdout.count("test (split 'test'):") == 1
@@ -85,7 +152,9 @@ def test_two_process_student_is_written_and_reported_once(teacher, tmp_path):
     proc = must(
         "train", "train_student_cpu", "--store", store, "--out", out, "--quiet",
         *TINY_MODEL, "data.image_size=32", *tiny_steps(4, 2), *TWO_PROCESSES,
+        ranks=tmp_path / "ranks",
     )  # fmt: skip
+    assert_ranks_trained_the_same_weights(tmp_path / "ranks")
     assert proc.stdout.count("student with tasks segmentation written to") == 1
     assert proc.stdout.count("test (each teacher's own 'test' split):") == 1
     assert proc.stdout.count("trained 4 steps") == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -323,6 +324,70 @@ def test_two_processes_write_the_same_store_as_one(root, pool, multi, reference)
     second = run([multi], pool, out, rank=1, world_size=2)
     assert second.written == [1] and second.complete
     assert_same_records(out, reference)
+
+
+# A rank of ``must label`` (RANK/WORLD_SIZE as torchrun sets them) that waits until every rank
+# is ready before it starts, labels slowly, and prints when its labelling began and ended.
+RANK_TOGETHER = """
+import os, sys, time
+from pathlib import Path
+
+from must.tasks.depth import DepthTask
+
+to_store = DepthTask.to_store
+
+
+def slow(*a, **k):
+    time.sleep(0.2)
+    return to_store(*a, **k)
+
+
+DepthTask.to_store = slow
+from must.cli import main
+
+ready = Path(sys.argv[1])
+(ready / os.environ["RANK"]).touch()
+deadline = time.time() + 120
+while len(list(ready.iterdir())) < int(os.environ["WORLD_SIZE"]) and time.time() < deadline:
+    time.sleep(0.01)
+began = time.time()
+code = main(sys.argv[2:])
+print("labelled from", began, "to", time.time())
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_labelling_at_once_write_the_same_store_as_one(root, pool, multi, reference):
+    """Two ranks labelling at the same time into one new store (neither finds it started):
+    both finish, the store is complete, and its records are those of one process."""
+    out, ready = root / "at-once", root / "at-once-ready"
+    ready.mkdir()
+    args = [
+        "label", "--teacher", str(multi), "--images", str(pool), "--out", str(out),
+        "--shard-size", str(SHARD), "--batch-size", str(BATCH), "--workers", "0", "--quiet",
+    ]  # fmt: skip
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_TOGETHER, str(ready), *args],
+            env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": "2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    spans = []
+    for proc in ranks:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        began, ended = re.search(r"labelled from (\S+) to (\S+)", stdout).groups()
+        spans.append((float(began), float(ended)))
+    # Each rank labels at least 4 images at 0.2 s each: the two runs overlapped.
+    assert max(b for b, _ in spans) < min(e for _, e in spans), spans
+    assert PseudoLabelStore(out).manifest["complete"]
+    assert_same_records(out, reference)
+    assert not list(out.glob("*.tmp"))
 
 
 def test_unreadable_image_is_skipped_with_its_reason(root, pool, multi, capsys):
