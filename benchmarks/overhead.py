@@ -20,7 +20,11 @@ and a callback hands the CPU to the bare loop every ``--block`` steps, alternati
 blocks of each, timed separately (``overhead_in_process.{json,md}``):
 
     python benchmarks/overhead.py --in-process --out benchmarks/results [--block 10]
-        [--blocks 16] [--warm 20] [--num 2000] [--data-cache DIR]
+        [--blocks 16 teach_classification_cpu=200 ...] [--warm 20] [--num 2000]
+        [--data-cache DIR]
+
+``--blocks`` takes a count for every preset and ``PRESET=COUNT`` for single ones: a preset
+whose ratio lies close to 0.95 needs more pairs to be decided than one far from it.
 """
 
 from __future__ import annotations
@@ -230,14 +234,20 @@ def in_process(preset: str, opts: list[str], block: int, blocks: int, warm: int,
         return trainer
 
     fit.make_trainer = with_hook
+    start = time.perf_counter()
     try:
-        teach(load_config(TeachConfig, preset, opts), out, overwrite=True, progress=True)
+        summary = teach(load_config(TeachConfig, preset, opts), out, overwrite=True, progress=True)
     finally:
         fit.make_trainer = make_trainer
+    # The run's cost outside its training clock (which holds the bare blocks too): reading the
+    # data, building the model, the trainer's set-up, the test pass, the model file. This is
+    # what every run of ``must run`` adds, which starts Python and imports once for all runs.
+    outside = time.perf_counter() - start - summary["info"]["train_seconds"]
     return {
         "must_seconds": hook.must_seconds,
         "bare_seconds": hook.bare_seconds,
         "batch_size": bare.train_cfg.batch_size,
+        "outside_training_seconds": round(outside, 2),
     }
 
 
@@ -272,7 +282,12 @@ def main() -> None:
         "overhead_in_process.{json,md})",
     )
     parser.add_argument("--block", type=int, default=10, help="--in-process: steps per block")
-    parser.add_argument("--blocks", type=int, default=16, help="--in-process: pairs of blocks")
+    parser.add_argument(
+        "--blocks",
+        nargs="+",
+        default=["16"],
+        help="--in-process: pairs of blocks, for every preset (N) or one (PRESET=N)",
+    )
     parser.add_argument("--data-cache", help="--in-process: render into (or reuse) this data cache")
     parser.add_argument("--warm", type=int, default=20, help="--in-process: untimed first steps")
     parser.add_argument("--bare", help=argparse.SUPPRESS)  # internal: run the bare loop
@@ -345,18 +360,35 @@ def target_verdict(low: float, high: float, undecided: str, target: float = 0.95
     return "misses" if high < target else undecided
 
 
+def blocks_per_preset(values: list[str], presets: list[str]) -> dict[str, int]:
+    """``--blocks`` as preset -> pairs of blocks: ``N`` sets every preset, ``PRESET=N`` one."""
+    counts = dict.fromkeys(presets, 16)
+    for value in values:
+        preset, _, count = value.rpartition("=")
+        if preset and preset not in counts:
+            raise SystemExit(f"--blocks {value}: {preset} is not among --presets")
+        if not count.isdigit() or int(count) < 2:
+            raise SystemExit(f"--blocks {value}: the count must be an integer of at least 2")
+        for name in [preset] if preset else presets:
+            counts[name] = int(count)
+    return counts
+
+
 def main_in_process(args: argparse.Namespace, results: dict) -> None:
+    blocks = blocks_per_preset(args.blocks, args.presets)
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.data_cache or Path(tmp) / "data")
         for preset in args.presets:
             # The preset's own schedule, logging and checkpoint interval.
             opts = [f"data.cache={cache}", f"data.num={args.num}", *args.extra]
-            times = in_process(preset, opts, args.block, args.blocks, args.warm, Path(tmp) / preset)
+            n = blocks[preset]
+            times = in_process(preset, opts, args.block, n, args.warm, Path(tmp) / preset)
             batch = times["batch_size"]
             must, bare = times["must_seconds"], times["bare_seconds"]
             ratio = ratio_interval(must, bare)
             results["presets"][preset] = {
                 **times,
+                "blocks": n,
                 "must_images_per_s": batch * args.block * len(must) / sum(must),
                 "bare_images_per_s": batch * args.block * len(bare) / sum(bare),
                 "pair_ratios": spread([b / m for m, b in zip(must, bare, strict=True)]),
@@ -371,8 +403,10 @@ def main_in_process(args: argparse.Namespace, results: dict) -> None:
 
 def report_in_process(results: dict) -> str:
     m, s = results["machine"], results["settings"]
+    blocks = s["blocks"] if isinstance(s["blocks"], list) else [s["blocks"]]  # older files: one
     command = (
-        f"python benchmarks/overhead.py --in-process --block {s['block']} --blocks {s['blocks']} "
+        f"python benchmarks/overhead.py --in-process --block {s['block']} "
+        f"--blocks {' '.join(map(str, blocks))} "
         f"--warm {s['warm']} --num {s['num']} --presets {' '.join(s['presets'])}"
     )
     lines = [
@@ -386,17 +420,19 @@ def report_in_process(results: dict) -> str:
         f"{s['warm']} untimed steps, a callback stops its clock every {s['block']} steps, runs "
         f"{s['block']} steps of the bare loop (same model, data, loader, optimizer, schedule, "
         f"clipping and precision, its own copy) on a clock of its own, and restarts the "
-        f"Lightning clock: {s['blocks']} pairs of blocks, seconds apart, so the drift of the "
+        f"Lightning clock: pairs of blocks, seconds apart, so the drift of the "
         "machine's speed (which made separate processes differ by up to 30%, see "
         "`overhead.md`) reaches both alike.",
         "Ratio: must images/s over bare images/s (bare seconds over must seconds, summed over "
         "the pairs), with a 95% bootstrap interval over the pairs; a verdict only where the "
-        "interval lies on one side of 0.95. The fixed cost of a run (start-up, data, test pass, "
-        "model file) is outside the blocks: see `overhead.md`.",
+        "interval lies on one side of 0.95. Outside training: the run's seconds outside its "
+        "training clock, in this process (data, model, trainer set-up, the test pass, the model "
+        "file); a run in a process of its own also starts Python and imports the libraries "
+        "(`overhead.md`'s fixed cost), which `must run` does once for all its runs.",
         "",
         "| preset | must (images/s) | bare (images/s) | must / bare, 95% interval (target ≥ 0.95) "
-        "| per-pair ratios, median [min, max] |",
-        "|---|---:|---:|---:|---:|",
+        "| pairs | per-pair ratios, median [min, max] | outside training (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for preset, r in results["presets"].items():
         verdict = target_verdict(r["low"], r["high"], "undecided")
@@ -404,9 +440,14 @@ def report_in_process(results: dict) -> str:
         lines.append(
             f"| {preset} | {r['must_images_per_s']:.1f} | {r['bare_images_per_s']:.1f} "
             f"| {r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}] ({verdict}) "
-            f"| {p['median']:.3f} [{p['min']:.3f}, {p['max']:.3f}] |"
+            f"| {len(r['must_seconds'])} | {p['median']:.3f} [{p['min']:.3f}, {p['max']:.3f}] "
+            f"| {_seconds(r.get('outside_training_seconds'))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"  # older files did not record it
 
 
 def report(results: dict) -> str:
