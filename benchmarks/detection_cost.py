@@ -9,12 +9,21 @@ tasks, ``train_student_cpu``). Variants are compared on validation; test is repo
 used to choose.
 
     python benchmarks/detection_cost.py --out benchmarks/results [--seeds 0] [KEY=VALUE ...]
+
+``--in-experiment mini`` measures the same variants where the student meets them: for each
+variant and seed, ``must run mini --only teachers label student`` with the variant's head in
+the detection teacher, the student and the multi-task baseline, then every teacher's and the
+student's validation and test metrics, student / teacher, and the stages' seconds
+(``detection_cost_experiment.{json,md}``). Finished stages in ``--work`` are reused.
+
+    python benchmarks/detection_cost.py --in-experiment mini --seeds 0 [--data-cache DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -111,8 +120,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the step timing")
     parser.add_argument("--steps", type=int, default=3, help="steps per timing")
+    parser.add_argument(
+        "--in-experiment", metavar="EXPERIMENT", help="compare the variants inside this experiment"
+    )
+    parser.add_argument("--data-cache", help="--in-experiment: the experiment's data cache")
     parser.add_argument("overrides", nargs="*", help="overrides for every variant")
     args = parser.parse_args()
+    if args.in_experiment:
+        in_experiment(args)
+        return
     results: dict = {
         "load_before": round(os.getloadavg()[0], 2),
         # Where the runs and results are written is left out: it says nothing about them.
@@ -145,6 +161,121 @@ def main() -> None:
         results["variants"][name]["steps"] = costs
     results["load_after"] = round(os.getloadavg()[0], 2)
     write_results(args.out, "detection_cost", results, report(results))
+
+
+# Where the variant's head goes in an experiment: the detection teacher, the student and the
+# multi-task baseline (which the protocol gives the student's model).
+HEAD_USERS = ("teachers.detection.overrides", "student.overrides", "multitask.overrides")
+
+
+def in_experiment(args: argparse.Namespace) -> None:
+    from must.stages.report import collect, primary
+
+    results: dict = {
+        "load_before": round(os.getloadavg()[0], 2),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work", "data_cache")},
+        "variants": {},
+    }
+    for name, head in VARIANTS.items():
+        runs = []
+        for seed in args.seeds:
+            run = Path(args.work) / args.in_experiment / name / f"seed{seed}"
+            keys = [f"{user}.{o}" for user in HEAD_USERS for o in head]
+            if args.data_cache:
+                keys.append(f"data_cache={args.data_cache}")
+            command = ["must", "run", args.in_experiment, "--out", str(run), "--quiet",
+                       "--only", "teachers", "label", "student",
+                       f"seed={seed}", *keys, *args.overrides]  # fmt: skip
+            subprocess.run(command, check=True)
+            found = collect(run)
+            student = found["students"]["student"]
+            tasks = {}
+            for task, teacher in found["teachers"].items():
+                metric, higher = primary(task)
+                row = {"metric": metric, "higher_is_better": higher}
+                for split in ("val", "test"):
+                    t = getattr(teacher, split)[task][metric]
+                    st = getattr(student, split)[task][metric]
+                    # Above 1: the student is better, whichever way the metric points.
+                    row[split] = {
+                        "teacher": t,
+                        "student": st,
+                        "ratio": st / t if higher else t / st,
+                    }
+                tasks[task] = row
+            # Every invocation's seconds summed; the teachers that do not change between
+            # the variants may have been trained once and copied, so the detection teacher's
+            # own training clock stands for the teachers.
+            stages = {
+                k: v.get("total_seconds", v.get("seconds"))
+                for k, v in found["stages"].items()
+                if k in ("label", "student")
+            }
+            runs.append(
+                {
+                    "seed": seed,
+                    "tasks": tasks,
+                    "detection_teacher_train_seconds": found["teachers"]["detection"].train_seconds,
+                    "stage_seconds": stages,
+                    "student_seconds_per_step": student.train_seconds / student.steps,
+                }
+            )
+        results["variants"][name] = {"overrides": head, "runs": runs}
+    results["load_after"] = round(os.getloadavg()[0], 2)
+    write_results(args.out, "detection_cost_experiment", results, report_in_experiment(results))
+
+
+def report_in_experiment(r: dict) -> str:
+    s = r["settings"]
+    lines = [
+        f"# Detection head inside the `{s['in_experiment']}` experiment: teachers and student",
+        "",
+        f"Command: `python benchmarks/detection_cost.py --in-experiment {s['in_experiment']} "
+        f"--seeds {' '.join(map(str, s['seeds']))}"
+        + (" " + " ".join(s["overrides"]) if s["overrides"] else "")
+        + f"`; load average {r['load_before']} before, {r['load_after']} after. Each variant "
+        "runs the experiment's teachers, labels and student with its detection head in the "
+        "detection teacher and the student (the other teachers are the same runs). "
+        "Student / teacher on the teacher's own split, above 1 better; the student's "
+        "checkpoint is selected on validation.",
+        "",
+        "| variant | split | "
+        + " | ".join(
+            f"{t} {row['metric']} teacher / student / ratio"
+            for t, row in r["variants"]["before"]["runs"][0]["tasks"].items()
+        )
+        + " |",
+        "|---|---|" + "---:|" * len(r["variants"]["before"]["runs"][0]["tasks"]),
+    ]
+    for name, v in r["variants"].items():
+        for run in v["runs"]:
+            for split in ("val", "test"):
+                cells = [
+                    f"{row[split]['teacher']:.3f} / {row[split]['student']:.3f} / "
+                    f"**{row[split]['ratio']:.3f}**"
+                    for row in run["tasks"].values()
+                ]
+                lines.append(
+                    f"| {name} (seed {run['seed']}) | {split} | " + " | ".join(cells) + " |"
+                )
+    lines += [
+        "",
+        "Seconds (nothing else heavy running): the detection teacher's training clock, the "
+        "label and student stages, and the student's seconds per training step (its "
+        "validations included):",
+        "",
+        "| variant | detection teacher | label | student | student s/step |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, v in r["variants"].items():
+        for run in v["runs"]:
+            st = run["stage_seconds"]
+            lines.append(
+                f"| {name} (seed {run['seed']}) | {run['detection_teacher_train_seconds']:.0f} "
+                f"| {st['label']:.0f} | {st['student']:.0f} "
+                f"| {run['student_seconds_per_step']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def report(r: dict) -> str:
