@@ -169,6 +169,27 @@ def test_bad_experiments_are_refused_naming_the_line(tmp_path, change, message):
     assert not (tmp_path / "never").exists()
 
 
+def test_only_takes_stage_names_and_the_overrides_after_it(tmp_path, monkeypatch):
+    """``--only teachers seed=3``: seed=3 is an override, not a stage to skip silently; a
+    misspelt stage is refused before anything runs."""
+    import must.stages.experiment as experiment
+
+    path = tiny_experiment(tmp_path)
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "--only", "teacher", "--quiet"]) == 2
+    assert not out.exists()
+    ran = {}
+
+    def record(cfg, out, progress=True, only=None):
+        ran.update(seed=cfg.seed, only=only)
+        return {}
+
+    monkeypatch.setattr(experiment, "run_experiment", record)
+    args = ["run", str(path), "--out", str(out), "--only", "teachers", "label", "seed=3"]
+    assert main([*args, "--quiet"]) == 0
+    assert ran == {"seed": 3, "only": ["teachers", "label"]}
+
+
 def test_presets_are_valid_experiments():
     for name in ("quickstart", "mini", "gpu", "gpu_smoke"):
         cfg = load_experiment(name)

@@ -274,11 +274,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from must.stages.experiment import load_experiment, run_experiment
 
-    cfg = load_experiment(args.experiment, args.overrides)
-    run_experiment(cfg, args.out, progress=not args.quiet, only=args.only)
+    overrides, only = args.overrides, args.only
+    if only is not None:  # argparse gives --only the KEY=VALUE overrides that follow it
+        overrides = [*overrides, *(s for s in only if "=" in s)]
+        only = [s for s in only if "=" not in s]
+    cfg = load_experiment(args.experiment, overrides)
+    run_experiment(cfg, args.out, progress=not args.quiet, only=only)
     report = Path(args.out) / "report.md"
     print(f"run folder {args.out} is complete")
-    if report.is_file() and (args.only is None or "report" in args.only):
+    if report.is_file() and (only is None or "report" in only):
         # The headline and the transfer table: the run's results, without opening the report.
         text = report.read_text()
         for section in ("## Headline", "## Transfer"):

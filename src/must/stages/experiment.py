@@ -520,6 +520,12 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run the experiment's stages in order, skipping jobs whose outputs are complete.
     Returns the stage status (also written to ``stages.json``)."""
+    unknown = [s for s in only or [] if s not in STAGE_ORDER]
+    if unknown or only == []:
+        raise ConfigError(
+            f"only: {', '.join(unknown) or 'no stage given'}; the stages are "
+            f"{', '.join(STAGE_ORDER)}"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / EXPERIMENT_FILE).write_text(dump_yaml(cfg))
