@@ -233,9 +233,10 @@ def report_in_experiment(r: dict) -> str:
         f"Command: `python benchmarks/detection_cost.py --in-experiment {s['in_experiment']} "
         f"--seeds {' '.join(map(str, s['seeds']))}"
         + (" " + " ".join(s["overrides"]) if s["overrides"] else "")
-        + f"`; load average {r['load_before']} before, {r['load_after']} after. Each variant "
-        "runs the experiment's teachers, labels and student with its detection head in the "
-        "detection teacher and the student (the other teachers are the same runs). "
+        + "`. Each variant runs the experiment's teachers, labels and student with its "
+        "detection head in the detection teacher and the student (the other teachers are the "
+        "same runs); finished runs are reused, so the seconds are those recorded when each "
+        "stage ran (load averages of this invocation in the JSON). "
         "Student / teacher on the teacher's own split, above 1 better; the student's "
         "checkpoint is selected on validation.",
         "",

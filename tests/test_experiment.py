@@ -18,6 +18,7 @@ from must.stages.report import (
     transfer_table,
     write_report,
 )
+from must.tasks import build_task
 from tiny import TINY_BACKBONE, TINY_TRAIN_SECTION
 
 TINY = {
@@ -194,6 +195,24 @@ def test_presets_are_valid_experiments():
     for name in ("quickstart", "mini", "gpu", "gpu_smoke"):
         cfg = load_experiment(name)
         assert cfg.name == name and "transfer" in cfg.stages
+
+
+def test_every_detector_of_mini_has_the_same_head(tmp_path):
+    """The teacher, the students, the multi-task baseline and the downstream detectors of the
+    benchmark share one detection head (docs/benchmark.md, section 3)."""
+    from must.stages.experiment import Experiment
+
+    experiment = Experiment(load_experiment("mini"), tmp_path / "run", progress=False)
+    configs = [
+        experiment.teacher_config("detection"),
+        experiment.student_config(),
+        experiment.student_config(fraction=0.25),
+        experiment.multitask_config(),
+        *(experiment.transfer_config("scratch", "detection", m) for m in ("finetune", "probe")),
+    ]
+    heads = [build_task("detection", ["a"], c.model.heads["detection"]).config for c in configs]
+    assert heads[0].num_convs == 2 and heads[0].box_batch_size_per_image == 16
+    assert all(h == heads[0] for h in heads)
 
 
 def test_per_column_overrides_reach_one_task_in_one_mode_only(tmp_path):
