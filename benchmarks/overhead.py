@@ -25,6 +25,7 @@ blocks of each, timed separately (``overhead_in_process.{json,md}``):
 
 ``--blocks`` takes a count for every preset and ``PRESET=COUNT`` for single ones: a preset
 whose ratio lies close to 0.95 needs more pairs to be decided than one far from it.
+``--update`` runs only ``--presets`` and replaces their rows in the existing results.
 """
 
 from __future__ import annotations
@@ -290,6 +291,11 @@ def main() -> None:
     )
     parser.add_argument("--data-cache", help="--in-process: render into (or reuse) this data cache")
     parser.add_argument("--warm", type=int, default=20, help="--in-process: untimed first steps")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="--in-process: replace only these presets' rows of the existing results",
+    )
     parser.add_argument("--bare", help=argparse.SUPPRESS)  # internal: run the bare loop
     parser.add_argument("--opt", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("extra", nargs="*", help="config overrides for both runs")
@@ -374,20 +380,45 @@ def blocks_per_preset(values: list[str], presets: list[str]) -> dict[str, int]:
     return counts
 
 
+def in_process_command(s: dict) -> str:
+    blocks = s["blocks"] if isinstance(s["blocks"], list) else [s["blocks"]]  # older files: one
+    return (
+        f"python benchmarks/overhead.py --in-process --block {s['block']} "
+        f"--blocks {' '.join(map(str, blocks))} "
+        f"--warm {s['warm']} --num {s['num']} --presets {' '.join(s['presets'])}"
+    )
+
+
 def main_in_process(args: argparse.Namespace, results: dict) -> None:
     blocks = blocks_per_preset(args.blocks, args.presets)
+    file = Path(args.out) / "overhead_in_process.json"
+    if args.update and file.is_file():
+        # More pairs for some presets: their rows are replaced, the others' kept, and each row
+        # keeps the command and load of the run that made it.
+        earlier = json.loads(file.read_text())
+        for row in earlier["presets"].values():
+            row.setdefault("command", in_process_command(earlier["settings"]))
+            row.setdefault("load_before", earlier["machine"]["load_before"])
+            row.setdefault("load_after", earlier["machine"]["load_after"])
+        results["presets"] = earlier["presets"]
+    command = in_process_command(results["settings"])
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.data_cache or Path(tmp) / "data")
         for preset in args.presets:
             # The preset's own schedule, logging and checkpoint interval.
             opts = [f"data.cache={cache}", f"data.num={args.num}", *args.extra]
             n = blocks[preset]
+            load_before = round(os.getloadavg()[0], 2)
             times = in_process(preset, opts, args.block, n, args.warm, Path(tmp) / preset)
             batch = times["batch_size"]
             must, bare = times["must_seconds"], times["bare_seconds"]
             ratio = ratio_interval(must, bare)
+            load = round(os.getloadavg()[0], 2)
             results["presets"][preset] = {
                 **times,
+                "command": command,
+                "load_before": load_before,
+                "load_after": load,
                 "blocks": n,
                 "must_images_per_s": batch * args.block * len(must) / sum(must),
                 "bare_images_per_s": batch * args.block * len(bare) / sum(bare),
@@ -403,18 +434,23 @@ def main_in_process(args: argparse.Namespace, results: dict) -> None:
 
 def report_in_process(results: dict) -> str:
     m, s = results["machine"], results["settings"]
-    blocks = s["blocks"] if isinstance(s["blocks"], list) else [s["blocks"]]  # older files: one
-    command = (
-        f"python benchmarks/overhead.py --in-process --block {s['block']} "
-        f"--blocks {' '.join(map(str, blocks))} "
-        f"--warm {s['warm']} --num {s['num']} --presets {' '.join(s['presets'])}"
+    commands = list(dict.fromkeys(r.get("command") for r in results["presets"].values()))
+    if commands == [None]:  # one run made every row
+        commands = [in_process_command(results["settings"])]
+    ran = (
+        f"load average {m['load_before']} before, {m['load_after']} after. "
+        f"Command: `{commands[0]}`."
+        if len(commands) == 1
+        else "rows from "
+        + "; ".join(f"`{c}`" for c in commands)
+        + " (`--update`: each later run replaced its presets' rows; load averages per row "
+        "in the JSON)."
     )
     lines = [
         "# Framework overhead per step: `must teach` and a bare loop interleaved in one process",
         "",
         f"Machine: {m['cpus']} CPUs ({m['threads']} torch threads), Python {m['python']}, torch "
-        f"{m['torch']}; load average {m['load_before']} before, {m['load_after']} after. "
-        f"Command: `{command}`.",
+        f"{m['torch']}; {ran}",
         f"`must teach` runs in the benchmark's process with its progress bar, logging and "
         f"periodic checkpoints as the preset sets them (validation only at the end). After "
         f"{s['warm']} untimed steps, a callback stops its clock every {s['block']} steps, runs "
