@@ -7,7 +7,8 @@ The short runs: SimCLR and one downstream run per task and mode (from the run's 
 (one validation included) and seconds outside training (data, feature cache, the test pass on
 the protocol's test split, the model file). A stage's projection is steps x seconds per step +
 seconds outside, for the steps the experiment sets; the multi-task baseline is projected at
-the student's recorded seconds (same model, data size, steps and batch).
+the student's recorded seconds (same model, data size, steps and batch). A stage the run
+has recorded is not projected.
 
     python benchmarks/mini_cost.py --run RUN [--steps 40] [--out benchmarks/results]
         [KEY=VALUE experiment overrides, e.g. data_cache=DIR]
@@ -28,6 +29,8 @@ from common import write_results
 from must.stages.experiment import Experiment, backbone_names, load_experiment
 from must.stages.pretrain import pretrain_simclr
 from must.stages.teach import teach
+
+RECORDABLE = ("label", "student", "simclr", "multitask")  # stages.json keys read as recorded
 
 
 def short(cfg, steps: int):
@@ -66,7 +69,7 @@ def main() -> None:
         "recorded": {
             k: v.get("total_seconds", v.get("seconds"))
             for k, v in recorded.items()
-            if k in ("label", "student")
+            if k in RECORDABLE
         },
         # The teachers by their own training clocks: a run may reuse teachers trained elsewhere.
         "teachers_train_seconds": {
@@ -78,10 +81,12 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        simclr = short(experiment.simclr_config(), args.steps)
-        results["short_runs"]["simclr"] = timed(
-            lambda: pretrain_simclr(simclr, work / "simclr", progress=False), work / "simclr"
-        )
+        if "simclr" not in results["recorded"]:
+            simclr = short(experiment.simclr_config(), args.steps)
+            results["short_runs"]["simclr"] = timed(
+                lambda: pretrain_simclr(simclr, work / "simclr", progress=False),
+                work / "simclr",
+            )
         for task in cfg.transfer.tasks:
             for mode in cfg.transfer.modes:
                 c = short(experiment.transfer_config("student", task, mode), args.steps)
@@ -99,16 +104,19 @@ def main() -> None:
             ).train.max_steps
     backbones = len(backbone_names(cfg))
     s = results["short_runs"]
-    projected = {
-        "simclr": full["simclr"] * s["simclr"]["seconds_per_step"] + s["simclr"]["outside_seconds"]
-    }
+    projected = {}
+    if "simclr" in s:
+        projected["simclr"] = (
+            full["simclr"] * s["simclr"]["seconds_per_step"] + s["simclr"]["outside_seconds"]
+        )
     per_backbone = sum(
         full[k] * v["seconds_per_step"] + v["outside_seconds"]
         for k, v in s.items()
         if k != "simclr"
     )
     projected["transfer"] = backbones * per_backbone
-    projected["multitask"] = results["recorded"].get("student")
+    if "multitask" not in results["recorded"]:
+        projected["multitask"] = results["recorded"].get("student")
     results.update(full_steps=full, backbones=backbones, projected=projected)
     results["load_after"] = round(os.getloadavg()[0], 2)
     write_results(args.out, "mini_cost", results, report(results))
@@ -124,8 +132,8 @@ def report(r: dict) -> str:
         f"{r['load_after']} after. Recorded: the seconds the run's stages took. Projected: "
         f"short runs of {r['settings']['steps']} steps give seconds per step (one validation "
         "included, so longer runs cost a little less per step) and seconds outside training "
-        "(data, feature cache, the test pass, the model file); the multi-task baseline is "
-        "put at the student's recorded seconds.",
+        "(data, feature cache, the test pass, the model file); a multi-task baseline the run "
+        "has not recorded is put at the student's recorded seconds.",
         "",
         "| stage | seconds | how |",
         "|---|---:|---|",
@@ -135,12 +143,13 @@ def report(r: dict) -> str:
         f"| teachers | {teachers:.0f} | recorded: their training clocks (set-up and test "
         "passes, 10–25 s per teacher, not counted) |"
     )
-    for stage in ("label", "student"):
+    for stage in RECORDABLE:
         if rec.get(stage) is not None:
             lines.append(f"| {stage} | {rec[stage]:.0f} | recorded |")
-    lines.append(
-        f"| simclr ({r['full_steps']['simclr']} steps) | {proj['simclr']:.0f} | projected |"
-    )
+    if proj.get("simclr") is not None:
+        lines.append(
+            f"| simclr ({r['full_steps']['simclr']} steps) | {proj['simclr']:.0f} | projected |"
+        )
     if proj.get("multitask") is not None:
         lines.append(f"| multitask | {proj['multitask']:.0f} | projected (the student's) |")
     lines.append(

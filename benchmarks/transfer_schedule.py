@@ -3,9 +3,10 @@
 
     python benchmarks/transfer_schedule.py --run runs/mini/seed0 --out benchmarks/results
     python benchmarks/transfer_schedule.py --run runs/mini/seed0 --modes probe   # one mode
+    python benchmarks/transfer_schedule.py --run R data_cache=DIR   # experiment overrides
 
-For each task and mode, both backbones train at a long budget (fine-tuning 1200 steps,
-probes 2000) with the learning rate at 1/3, 1 and 3 times the preset's; validation every
+For each task and mode, both backbones train at a long budget (fine-tuning 600 steps,
+probes 1000) with the learning rate at 1/3, 1 and 3 times the preset's; validation every
 eighth of the budget. Kept: the rate with the best mean over the two backbones of the best
 validation primary metric, then the smallest quarter of the budget at which both backbones'
 validation metric is within 1% (relative) of its best. Only validation numbers are read: the
@@ -31,12 +32,12 @@ from must.stages.teach import teach
 from must.tasks import TASK_TYPES
 
 BACKBONES = ("scratch", "multitask")  # never the student: the choice must not favour it
-BUDGET = {"finetune": 1200, "probe": 2000}
+BUDGET = {"finetune": 600, "probe": 1000}
 FACTORS = (1 / 3, 1.0, 3.0)
 CLOSE = 0.01  # "within 1% of its best"
 RULE = (
     "each task and mode trains from scratch and from the multi-task baseline for a long budget "
-    "(fine-tuning 1200 steps, probes 2000) at 1/3, 1 and 3 times the preset's learning rate; "
+    f"(fine-tuning {BUDGET['finetune']} steps, probes {BUDGET['probe']}) at 1/3, 1 and 3 times the preset's learning rate; "
     "kept: the rate with the best mean over the two backbones of the best validation primary "
     "metric (ties: the lower rate), then the first quarter of the budget at which both "
     "backbones' validation metric is within 1% (relative) of its best."
@@ -65,6 +66,19 @@ def settled_step(curve: list[tuple[int, float]], higher: bool, budget: int) -> i
     return budget
 
 
+def choose(runs: dict[str, dict[str, dict]], higher: bool, budget: int) -> tuple[float, int]:
+    """The rule: ``runs[lr][backbone]`` holds each run's validation ``curve`` and ``best``.
+
+    The rate with the best mean over the backbones of the best validation value (ties: the
+    lower rate), then the first quarter of the budget at which every backbone has settled.
+    """
+    sign = 1 if higher else -1
+    by_rate = sorted(runs, key=float)  # ascending, so that max() keeps the lower rate on a tie
+    lr = max(by_rate, key=lambda k: sign * sum(r["best"] for r in runs[k].values()))
+    steps = max(settled_step(r["curve"], higher, budget) for r in runs[lr].values())
+    return float(lr), steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a mini run folder with multitask/ done")
@@ -74,10 +88,11 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["finetune", "probe"])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--scale", type=float, default=1.0, help="budget multiplier (to try)")
+    parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. data_cache=DIR")
     args = parser.parse_args()
     run = Path(args.run)
     work = Path(args.work) if args.work else run / "schedule"
-    cfg = load_experiment(args.experiment, [f"data_cache={run.parent / 'data'}"])
+    cfg = load_experiment(args.experiment, [f"data_cache={run.parent / 'data'}", *args.overrides])
     experiment = Experiment(cfg, run, progress=False)
     tasks = args.tasks or list(cfg.transfer.tasks)
     results: dict = {"rule": RULE, "budget_scale": args.scale, "columns": {}}
@@ -105,12 +120,8 @@ def main() -> None:
                         "curve": curve,
                         "best": best([v for _, v in curve], higher),
                     }
-            # The rate: best mean over the backbones of the oriented best validation value.
-            sign = 1 if higher else -1
-            lrs = column["runs"]
-            chosen_lr = max(lrs, key=lambda k: sign * sum(r["best"] for r in lrs[k].values()))
-            steps = max(settled_step(r["curve"], higher, budget) for r in lrs[chosen_lr].values())
-            column["chosen"] = {"lr": float(chosen_lr), "max_steps": steps}
+            chosen_lr, steps = choose(column["runs"], higher, budget)
+            column["chosen"] = {"lr": chosen_lr, "max_steps": steps}
             results["columns"][f"{task}-{mode}"] = column
     per_column = {
         name: {
