@@ -89,7 +89,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--scale", type=float, default=1.0, help="budget multiplier (to try)")
     parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. data_cache=DIR")
-    args = parser.parse_args()
+    # KEY=VALUE words are experiment overrides wherever they stand: after --tasks or --modes,
+    # argparse would take them for tasks or modes.
+    argv = sys.argv[1:]
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = overrides
     run = Path(args.run)
     work = Path(args.work) if args.work else run / "schedule"
     cfg = load_experiment(args.experiment, [f"data_cache={run.parent / 'data'}", *args.overrides])

@@ -154,6 +154,14 @@ def test_a_failed_stage_keeps_earlier_outputs_and_a_rerun_continues(finished_run
             {"transfer": {"dataset": "rooms", "tasks": ["segmentation", "normals"]}},
             r"line \d+: transfer\.tasks\.1: the style 'rooms' cannot render normals",
         ),
+        (
+            {"transfer": {"per_task": {"normals": {"data": {"dataset": "novel_objects"}}}}},
+            r"line \d+: transfer\.tasks\.\d: the style 'novel_objects' cannot render normals",
+        ),
+        (
+            {"transfer": {"per_task": {"depth": {"data": {"num": 0}}}}},
+            r"line \d+: transfer\.per_task\.depth\.data\.num: Input should be greater",
+        ),
         ({"transfer": {"backbones": ["simclr"]}}, r"line \d+: .*needs the simclr: section"),
         (
             {"transfer": {"per_column": {"depth-linear": {}}}},
@@ -226,6 +234,29 @@ def test_per_column_overrides_reach_one_task_in_one_mode_only(tmp_path):
     for task, mode in (("depth", "finetune"), ("normals", "probe")):
         other = experiment.transfer_config("scratch", task, mode).train
         assert other.lr != 0.123 and other.max_steps != 8
+
+
+def test_a_task_can_have_its_own_downstream_data(tmp_path):
+    """``transfer.per_task.<task>.data`` with recipe fields gives that task its own set (mini's
+    object-centric classification set); every other task keeps the transfer set."""
+    from must.stages.experiment import Experiment
+
+    own = {"dataset": "novel_objects", "num": 40, "subset": {"test": 8}}
+    cfg = load_experiment(
+        tiny_experiment(tmp_path, transfer={"per_task": {"classification": {"data": own}}})
+    )
+    experiment = Experiment(cfg, tmp_path / "run", progress=False)
+    for mode in ("finetune", "probe"):
+        data = experiment.transfer_config("scratch", "classification", mode).data
+        assert (data.dataset, data.num, data.subset) == ("novel_objects", 40, {"test": 8})
+        assert data.render_seed == cfg.transfer.render_seed  # the rest of the recipe is kept
+        assert data.cache == cfg.data_cache
+        other = experiment.transfer_config("scratch", "depth", mode).data
+        assert (other.dataset, other.num) == (cfg.transfer.dataset, cfg.transfer.num)
+    mini = Experiment(load_experiment("mini"), tmp_path / "mini", progress=False)
+    assert mini.transfer_config("student", "classification", "probe").data.dataset == (
+        "novel_objects"
+    )
 
 
 # --- the report, from fake run folders with known numbers -------------------------------------

@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from must.checkpoint import SUMMARY_FILE
 from must.config import (
@@ -253,15 +260,24 @@ def check_references(cfg: ExperimentConfig, file: Path) -> None:
                 f"{_line(file, 'transfer', 'backbones', i)}: transfer.backbones.{i}: {name!r} "
                 f"needs the {name}: section"
             )
-    if cfg.transfer.dataset in builtin_style_names():
-        can = load_style(cfg.transfer.dataset).tasks
-        for i, task in enumerate(cfg.transfer.tasks):
-            if task not in can:
-                raise ConfigError(
-                    f"{_line(file, 'transfer', 'tasks', i)}: transfer.tasks.{i}: the style "
-                    f"{cfg.transfer.dataset!r} cannot render {task} labels (it has: "
-                    f"{', '.join(can)})"
-                )
+    for task in cfg.transfer.per_task:
+        recipe = _per_task_recipe(cfg.transfer, task)
+        try:
+            DataSource(**{**cfg.transfer.recipe_fields(), **recipe, "cache": "."})
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(map(str, err["loc"]))
+            raise ConfigError(
+                f"{_line(file, 'transfer', 'per_task', task, 'data', *err['loc'])}: "
+                f"transfer.per_task.{task}.data.{field}: {err['msg']}"
+            ) from None
+    for i, task in enumerate(cfg.transfer.tasks):
+        dataset = _per_task_recipe(cfg.transfer, task).get("dataset", cfg.transfer.dataset)
+        if dataset in builtin_style_names() and task not in (can := load_style(dataset).tasks):
+            raise ConfigError(
+                f"{_line(file, 'transfer', 'tasks', i)}: transfer.tasks.{i}: the style "
+                f"{dataset!r} cannot render {task} labels (it has: {', '.join(can)})"
+            )
     for task, step in cfg.teachers.items():
         teacher = load_config(TeachConfig, step.config, merge=step.overrides)
         if teacher.task != task:
@@ -379,6 +395,16 @@ class Experiment:
             return str(self.out / "teachers" / name.split(":", 1)[1])
         return str(self.out / name)
 
+    def transfer_source(self, task: str) -> DataSource:
+        """``task``'s downstream data: the transfer set, with the recipe fields that
+        ``transfer.per_task.<task>.data`` sets (e.g. its own style) in place of its own."""
+        t = self.cfg.transfer
+        return self.source(
+            DataSource(
+                **{**t.recipe_fields(), **_per_task_recipe(t, task), "cache": t.cache or self.cache}
+            )
+        )
+
     def transfer_config(self, backbone: str, task: str, mode: str) -> TeachConfig:
         t = self.cfg.transfer
         merge = _merge(
@@ -388,7 +414,7 @@ class Experiment:
             t.per_column.get(f"{task}-{mode}", {}),
             {
                 "task": task,
-                "data": self.source(t).recipe_fields(),
+                "data": self.transfer_source(task).recipe_fields(),
                 "init": self.backbone_path(backbone),
                 "freeze_backbone": mode == "probe",
                 "train": _seed(self),
@@ -493,6 +519,12 @@ class Experiment:
 
             jobs.append(Job(stage, "report", out, lambda: write_report([out], out), lambda: False))
         return jobs
+
+
+def _per_task_recipe(t: TransferStage, task: str) -> dict[str, Any]:
+    """The data-recipe fields (dataset, num, splits, ...) of ``transfer.per_task.<task>``."""
+    data = t.per_task.get(task, {}).get("data") or {}
+    return {k: v for k, v in data.items() if k in DataSource.model_fields}
 
 
 def _seed(exp: Experiment) -> dict[str, Any]:
