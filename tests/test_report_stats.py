@@ -369,3 +369,46 @@ def test_downstream_validation_curves_have_a_panel_per_column(tmp_path):
     # Two panels side by side: 2 * 3.8 inches at 100 dpi (one panel would be 380 px).
     with Image.open(tmp_path / "r" / "report" / "transfer_curves.png") as image:
         assert image.size[0] == 760
+
+
+# --- convergence of the downstream runs ------------------------------------------------------
+
+
+def test_a_curve_still_rises_only_when_its_last_quarter_brings_the_best_by_a_margin():
+    from must.stages.report import still_rising
+
+    steps = [25, 50, 75, 100]
+    assert still_rising(list(zip(steps, [0.2, 0.3, 0.4, 0.5], strict=True)), higher=True)
+    # Settled: the last quarter gains under 1% of the value at three quarters.
+    assert not still_rising(list(zip(steps, [0.2, 0.4, 0.5, 0.504], strict=True)), True)
+    # Peaked early and fell (over-fitting): the schedule was long enough.
+    assert not still_rising(list(zip(steps, [0.2, 0.5, 0.45, 0.48], strict=True)), True)
+    # Lower is better: an error still falling, and one that has settled.
+    assert still_rising(list(zip(steps, [0.5, 0.4, 0.3, 0.25], strict=True)), False)
+    assert not still_rising(list(zip(steps, [0.5, 0.4, 0.3, 0.301], strict=True)), False)
+    assert not still_rising([(100, 0.5)], True)
+
+
+def test_the_report_names_the_runs_whose_curves_still_rise(tmp_path):
+    from must.stages.report import rising_curves
+
+    def transfer_run(run: Path, backbone: str, column: str, task: str, values: list[float]):
+        folder = run / "transfer" / backbone / column
+        (folder / "logs").mkdir(parents=True)
+        info = {"config": {"task": task}, "test": {}}
+        (folder / "summary.json").write_text(json.dumps({"info": info}))
+        metric = {"depth": "abs_rel", "classification": "top1"}[task]
+        rows = [f"{25 * (i + 1) - 1},{v}" for i, v in enumerate(values)]
+        (folder / "logs" / "metrics.csv").write_text(
+            f"step,val/{task}/{metric}\n" + "\n".join(rows) + "\n"
+        )
+
+    runs = [tmp_path / "seed0", tmp_path / "seed1"]
+    for seed, run in enumerate(runs):
+        transfer_run(run, "scratch", "depth-probe", "depth", [0.5, 0.4, 0.3, 0.2 + seed * 0.1])
+        transfer_run(run, "student", "depth-probe", "depth", [0.3, 0.25, 0.2, 0.2])
+        transfer_run(run, "student", "classification-probe", "classification", [0.2, 0.3, 0.4, 0.6])
+    assert rising_curves(runs, [0, 1]) == {
+        "depth-probe": {"scratch": [0]},  # seed 1's last value equals three quarters'
+        "classification-probe": {"student": [0, 1]},
+    }

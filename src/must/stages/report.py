@@ -770,6 +770,44 @@ def comparison_lines(
     ]
 
 
+RISE = 0.01  # a curve still rises when its last quarter gains more than this (relative)
+
+
+def still_rising(points: list[tuple[int, float]], higher: bool) -> bool:
+    """Whether a validation curve's best value comes in the last quarter of its steps and is
+    more than ``RISE`` (relative) better than its value at three quarters (docs/benchmark.md,
+    section 3): the schedule ended before the metric settled."""
+    points = sorted(points)
+    if len(points) < 2:
+        return False
+    cut = 0.75 * points[-1][0]
+    before = [v for step, v in points if step <= cut]
+    after = [v for step, v in points if step > cut]
+    if not before:
+        return False
+    ref, best_after = before[-1], (max(after) if higher else min(after))
+    best_before = max(before) if higher else min(before)
+    gain = (best_after - ref) if higher else (ref - best_after)
+    improved = best_after > best_before if higher else best_after < best_before
+    return improved and gain > RISE * max(abs(ref), 1e-12)
+
+
+def rising_curves(runs: list[Path], seeds: list[int]) -> dict[str, dict[str, list[int]]]:
+    """{column: {backbone: [seeds]}} of the transfer runs whose validation curve still rises."""
+    found: dict[str, dict[str, list[int]]] = {}
+    for run, seed in zip(runs, seeds, strict=True):
+        for folder in sorted((run / "transfer").glob("*/*")):
+            info = _read_info(folder)
+            if not info:
+                continue
+            task = info.config["task"]
+            metric, higher = primary(task)
+            points = read_curves(folder).get(f"val/{task}/{metric}", [])
+            if still_rising(points, higher):
+                found.setdefault(folder.name, {}).setdefault(folder.parent.name, []).append(seed)
+    return found
+
+
 def plot_transfer_curves(run: Path, out: Path) -> Path | None:
     """One panel per downstream column: the validation primary metric against step for every
     backbone of one run (flat before the end: the schedule converged)."""
@@ -970,6 +1008,8 @@ def write_report(runs: list[str | Path], out: str | Path, resamples: int = RESAM
             "",
             *comparison_lines(columns, summary, ["student_from_multitask"]),
         ]
+    rising = rising_curves(runs, [d["seed"] for d in data])
+    summary["still_rising"] = rising
     curves = plot_transfer_curves(runs[0], figures / "transfer_curves.png")
     if curves:
         lines += [
@@ -979,6 +1019,17 @@ def write_report(runs: list[str | Path], out: str | Path, resamples: int = RESAM
             f"{data[0]['seed']}: flat before the end means the schedule converged.",
             "",
             f"![downstream validation curves]({curves.relative_to(out)})",
+            "",
+        ]
+    if any(d["transfer"] for d in data):
+        flagged = "; ".join(
+            f"{c}: " + ", ".join(f"{b} (seed {', '.join(map(str, s))})" for b, s in bs.items())
+            for c, bs in sorted(rising.items())
+        )
+        lines += [
+            "Still rising at the end (best validation value in the last quarter of the "
+            f"schedule, more than {RISE:.0%} better than at three quarters): "
+            + (flagged + "." if flagged else "none, in any seed."),
             "",
         ]
     if any(d["teachers"] for d in data):
