@@ -18,7 +18,7 @@ import csv
 import json
 import math
 import statistics
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -792,17 +792,21 @@ def still_rising(points: list[tuple[int, float]], higher: bool) -> bool:
     return improved and gain > RISE * max(abs(ref), 1e-12)
 
 
+def transfer_val_curves(run: Path) -> Iterator[tuple[Path, str, bool, list[tuple[int, float]]]]:
+    """(folder, metric, higher is better, validation curve) of every transfer run of ``run``."""
+    for folder in sorted((run / "transfer").glob("*/*")):
+        info = _read_info(folder)
+        if info:
+            task = info.config["task"]
+            metric, higher = primary(task)
+            yield folder, metric, higher, read_curves(folder).get(f"val/{task}/{metric}", [])
+
+
 def rising_curves(runs: list[Path], seeds: list[int]) -> dict[str, dict[str, list[int]]]:
     """{column: {backbone: [seeds]}} of the transfer runs whose validation curve still rises."""
     found: dict[str, dict[str, list[int]]] = {}
     for run, seed in zip(runs, seeds, strict=True):
-        for folder in sorted((run / "transfer").glob("*/*")):
-            info = _read_info(folder)
-            if not info:
-                continue
-            task = info.config["task"]
-            metric, higher = primary(task)
-            points = read_curves(folder).get(f"val/{task}/{metric}", [])
+        for folder, _, higher, points in transfer_val_curves(run):
             if still_rising(points, higher):
                 found.setdefault(folder.name, {}).setdefault(folder.parent.name, []).append(seed)
     return found
@@ -813,13 +817,7 @@ def plot_transfer_curves(run: Path, out: Path) -> Path | None:
     backbone of one run (flat before the end: the schedule converged)."""
     panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
     metrics: dict[str, str] = {}
-    for folder in sorted((run / "transfer").glob("*/*")):
-        info = _read_info(folder)
-        if not info:
-            continue
-        task = info.config["task"]
-        metric, higher = primary(task)
-        points = read_curves(folder).get(f"val/{task}/{metric}")
+    for folder, metric, higher, points in transfer_val_curves(run):
         if points:
             panels.setdefault(folder.name, {})[folder.parent.name] = points
             metrics[folder.name] = f"{metric} {'↑' if higher else '↓'}"
