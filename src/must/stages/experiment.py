@@ -261,9 +261,8 @@ def check_references(cfg: ExperimentConfig, file: Path) -> None:
                 f"needs the {name}: section"
             )
     for task in cfg.transfer.per_task:
-        recipe = _per_task_recipe(cfg.transfer, task)
         try:
-            DataSource(**{**cfg.transfer.recipe_fields(), **recipe, "cache": "."})
+            DataSource(**{**_task_recipe(cfg.transfer, task), "cache": "."})
         except ValidationError as e:
             err = e.errors()[0]
             field = ".".join(map(str, err["loc"]))
@@ -272,7 +271,7 @@ def check_references(cfg: ExperimentConfig, file: Path) -> None:
                 f"transfer.per_task.{task}.data.{field}: {err['msg']}"
             ) from None
     for i, task in enumerate(cfg.transfer.tasks):
-        dataset = _per_task_recipe(cfg.transfer, task).get("dataset", cfg.transfer.dataset)
+        dataset = _task_recipe(cfg.transfer, task)["dataset"]
         if dataset in builtin_style_names() and task not in (can := load_style(dataset).tasks):
             raise ConfigError(
                 f"{_line(file, 'transfer', 'tasks', i)}: transfer.tasks.{i}: the style "
@@ -398,12 +397,8 @@ class Experiment:
     def transfer_source(self, task: str) -> DataSource:
         """``task``'s downstream data: the transfer set, with the recipe fields that
         ``transfer.per_task.<task>.data`` sets (e.g. its own style) in place of its own."""
-        t = self.cfg.transfer
-        return self.source(
-            DataSource(
-                **{**t.recipe_fields(), **_per_task_recipe(t, task), "cache": t.cache or self.cache}
-            )
-        )
+        recipe = _task_recipe(self.cfg.transfer, task)
+        return DataSource(**{**recipe, "cache": recipe["cache"] or self.cache})
 
     def transfer_config(self, backbone: str, task: str, mode: str) -> TeachConfig:
         t = self.cfg.transfer
@@ -521,10 +516,11 @@ class Experiment:
         return jobs
 
 
-def _per_task_recipe(t: TransferStage, task: str) -> dict[str, Any]:
-    """The data-recipe fields (dataset, num, splits, ...) of ``transfer.per_task.<task>``."""
+def _task_recipe(t: TransferStage, task: str) -> dict[str, Any]:
+    """The transfer set's recipe fields (dataset, num, splits, ...) with those that
+    ``transfer.per_task.<task>.data`` sets in their place."""
     data = t.per_task.get(task, {}).get("data") or {}
-    return {k: v for k, v in data.items() if k in DataSource.model_fields}
+    return {**t.recipe_fields(), **{k: v for k, v in data.items() if k in DataSource.model_fields}}
 
 
 def _seed(exp: Experiment) -> dict[str, Any]:
