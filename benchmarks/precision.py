@@ -254,7 +254,7 @@ def command_line(args: argparse.Namespace, defaults: dict) -> str:
     say where files went, not what was measured)."""
     parts = ["python benchmarks/precision.py"]
     for key, value in vars(args).items():
-        if key in ("out", "cache") or value == defaults[key]:
+        if key in ("out", "cache", "name") or value == defaults[key]:
             continue
         flag = "--" + key.replace("_", "-")
         values = value if isinstance(value, list) else [value]
@@ -264,7 +264,7 @@ def command_line(args: argparse.Namespace, defaults: dict) -> str:
 
 def write(results: dict, args: argparse.Namespace, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    name = "precision_check" if args.check_steps else "precision"
+    name = args.name or ("precision_check" if args.check_steps else "precision")
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     m = results["machine"]
     lines = [
@@ -330,6 +330,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--cache", default=None, help="render here (default: a temp folder)")
+    parser.add_argument(
+        "--name", default=None, help="results file name (default: precision, precision_check)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
