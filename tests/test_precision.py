@@ -8,9 +8,12 @@ before; the tests fill freed memory with NaN first, so that such a tap shows as 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torchvision import tv_tensors
 
+from must.config import TrainConfig
+from must.errors import ConfigError
 from must.models.backbone import BackboneConfig
 from must.models.model import MultiTaskModel
 from must.tasks.classification import ClassificationTask
@@ -18,6 +21,7 @@ from must.tasks.depth import DepthConfig, DepthTask
 from must.tasks.detection import DetectionTask
 from must.tasks.normals import NormalsTask
 from must.tasks.segmentation import SegmentationTask
+from must.training.fit import CPU_BF16_ENV, resolve_precision
 from test_task_pixel_and_classification import CLASSES, SEG_CLASSES, make_sample
 
 SIZE = 64
@@ -113,3 +117,22 @@ def test_bf16_training_step_has_finite_and_exact_gradients():
         assert not bad, bad
         assert p7.grad is not None and bool((p7.grad[..., off_centre] == 0).all())
         assert p7.grad[..., 1, 1].abs().sum() > 0
+
+
+def test_auto_precision_follows_the_cpu_and_explicit_settings_win(monkeypatch):
+    """``auto`` on a CPU: bf16 only where the CPU computes bf16 in hardware (MUST_CPU_BF16
+    stands in for the detection here); an explicit precision is kept whatever the CPU."""
+    cpu = TrainConfig(accelerator="cpu")
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    assert resolve_precision(cpu) == "bf16-mixed"
+    assert resolve_precision(cpu.model_copy(update={"precision": "32-true"})) == "32-true"
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    assert resolve_precision(cpu) == "32-true"
+    assert resolve_precision(cpu.model_copy(update={"precision": "bf16-mixed"})) == "bf16-mixed"
+    monkeypatch.setenv(CPU_BF16_ENV, "yes")
+    with pytest.raises(ConfigError, match="MUST_CPU_BF16='yes'"):
+        resolve_precision(cpu)
+    # Without the override the answer is the CPU's own: AVX-512 BF16 or AMX.
+    monkeypatch.delenv(CPU_BF16_ENV)
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert resolve_precision(cpu) == ("bf16-mixed" if native else "32-true")

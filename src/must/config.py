@@ -130,8 +130,8 @@ class TrainConfig(_Strict):
     val_every: int = Field(250, ge=1, description="validate every N training steps")
     checkpoint_every: int = Field(100, ge=1, description="save last.ckpt every N steps")
     grad_clip: float | None = 10.0
-    # auto: bf16 mixed precision on a GPU that supports it (else fp16), fp32 on a CPU
-    # (bf16-mixed on a CPU is opt-in: see docs/training.md, "Mixed precision").
+    # auto: bf16 mixed precision on a GPU that supports it (else fp16); on a CPU bf16 where it
+    # computes bf16 in hardware, else fp32 (docs/training.md, "Mixed precision").
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     accelerator: str = "auto"
     devices: int | str = "auto"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -226,18 +227,36 @@ def train_seconds(trainer: L.Trainer) -> float:
     return round(clock.seconds(), 1)
 
 
-def resolve_precision(cfg: TrainConfig) -> str:
-    """``auto``: bf16 (or fp16) mixed precision on a GPU, fp32 on a CPU.
+CPU_BF16_ENV = "MUST_CPU_BF16"  # "0" or "1": overrides the detection below (the tests pin 0)
 
-    CPU bf16 autocast stays opt-in because it is slower: a whole training step ran at 0.59-0.70x
-    the fp32 rate on every CPU preset on a CPU without native bf16 (benchmarks/results/
-    precision.md). Its old sporadic NaN losses came from a oneDNN bf16 conv gradient bug, now
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX tiles). Without either,
+    oneDNN emulates bf16 and a training step is slower than in fp32. ``MUST_CPU_BF16=0`` or
+    ``1`` in the environment overrides the answer."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ConfigError(f"{CPU_BF16_ENV}={forced!r} in the environment: use 0 or 1")
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(cfg: TrainConfig) -> str:
+    """``auto``: bf16 (or fp16) mixed precision on a GPU; on a CPU, bf16 mixed precision where
+    the CPU computes bf16 in hardware, else fp32.
+
+    With native bf16 a CPU training step ran 1.27-1.50x the fp32 rate on every CPU preset
+    (benchmarks/results/precision_native_bf16.md) and the teachers trained in bf16 tested
+    within the difference between two fp32 seeds (precision_quality.md); without it a step ran at 0.59-0.70x
+    (precision.md). Its old sporadic NaN losses came from a oneDNN bf16 conv gradient bug, now
     worked around (docs/training.md, "Mixed precision")."""
     if cfg.precision != "auto":
         return cfg.precision
     if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda"):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
+    return "bf16-mixed" if native_cpu_bf16() else "32-true"
 
 
 def _quiet_lightning() -> None:
