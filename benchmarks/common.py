@@ -1,10 +1,12 @@
 """Helpers the benchmarks share: a median with its range, one training step and its FLOPs,
-writing a results file and its report."""
+writing a results file and its report, arguments with KEY=VALUE overrides anywhere."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -43,3 +45,14 @@ def write_results(out: str | Path, name: str, results: dict, markdown: str) -> N
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown)
     print(f"wrote {out / name}.json and {out / name}.md")
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The command line's arguments, with every KEY=VALUE word in ``overrides`` wherever it
+    stands: after an option taking several values (``--tasks a b``) argparse would take it
+    for one of them."""
+    argv = sys.argv[1:]
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = overrides
+    return args

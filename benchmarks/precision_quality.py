@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_results
+from common import parse_with_overrides, write_results
 from must.config import TeachConfig, load_config
 from must.records import load_records
 from must.stages.report import primary
@@ -124,12 +124,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--tasks", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every run")
-    # KEY=VALUE words are overrides wherever they stand (after --tasks argparse takes them
-    # for tasks).
-    argv = sys.argv[1:]
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = parser.parse_args([a for a in argv if a not in overrides])
-    args.overrides = overrides
+    args = parse_with_overrides(parser)
     work = Path(args.work)
     load_before = round(os.getloadavg()[0], 2)
     results: dict = {"machine": cpu_model(), "seeds": args.seeds, "teachers": {}}

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_results
+from common import parse_with_overrides, write_results
 from must.config import TeachConfig
 from must.stages.experiment import Experiment, load_experiment
 from must.stages.teach import teach
@@ -89,12 +89,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--scale", type=float, default=1.0, help="budget multiplier (to try)")
     parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. data_cache=DIR")
-    # KEY=VALUE words are experiment overrides wherever they stand: after --tasks or --modes,
-    # argparse would take them for tasks or modes.
-    argv = sys.argv[1:]
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = parser.parse_args([a for a in argv if a not in overrides])
-    args.overrides = overrides
+    args = parse_with_overrides(parser)
     run = Path(args.run)
     work = Path(args.work) if args.work else run / "schedule"
     cfg = load_experiment(args.experiment, [f"data_cache={run.parent / 'data'}", *args.overrides])
