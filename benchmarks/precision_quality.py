@@ -6,7 +6,7 @@ each tested on the teacher's own test split. Reported per teacher and seed: bf16
 the task's primary metric (positive: bf16 better, whichever way the metric points), with a 95%
 paired bootstrap interval over the test images (the runs' per-image test records, as
 ``must report`` does). Over seeds: the mean difference and its interval and, as the yardstick
-of plain training noise, fp32 seed 2 minus fp32 seed 1. Also each run's training seconds.
+of plain training noise, fp32 of the second seed minus fp32 of the first. Also each run's training seconds.
 Finished runs are reused, so an interrupted run continues where it stopped.
 
     python benchmarks/precision_quality.py --out benchmarks/results [--seeds 0 1] [KEY=VALUE ...]

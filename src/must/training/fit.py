@@ -249,8 +249,8 @@ def resolve_precision(cfg: TrainConfig) -> str:
 
     With native bf16 a CPU training step ran 1.27-1.50x the fp32 rate on every CPU preset
     (benchmarks/results/precision_native_bf16.md) and the teachers trained in bf16 tested
-    within the difference between two fp32 seeds (precision_quality.md); without it a step ran at 0.59-0.70x
-    (precision.md). Its old sporadic NaN losses came from a oneDNN bf16 conv gradient bug, now
+    within the difference between two fp32 seeds (precision_quality.md); without it a step
+    ran at 0.59-0.70x (precision.md). Its old sporadic NaN losses came from a oneDNN bf16 conv gradient bug, now
     worked around (docs/training.md, "Mixed precision")."""
     if cfg.precision != "auto":
         return cfg.precision
